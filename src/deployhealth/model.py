@@ -1,0 +1,275 @@
+"""Sections and the report: the Coder-compatible shapes every family returns.
+
+A family returns one `Section`. Its JSON form (`Section.to_dict`) is what Coder's
+`/api/v2/debug/health` emits for the same section, plus deployhealth's own keys
+`checked_at` and `duration_ms`. Family-specific keys live in `details` and are merged
+into the top level of the JSON, so readers of Coder's report find them where they expect.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+class Severity(enum.StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    @classmethod
+    def worst(cls, severities: Iterable[Severity]) -> Severity:
+        return max(severities, key=lambda s: s.rank, default=cls.OK)
+
+
+_RANK = {Severity.OK: 0, Severity.WARNING: 1, Severity.ERROR: 2}
+
+
+# Section keys, in report order. Coder's settings spell them in CamelCase; both are accepted.
+SECTION_NAMES: tuple[str, ...] = (
+    "access_url",
+    "database",
+    "websocket",
+    "derp",
+    "workspace_proxy",
+    "provisioner_daemons",
+    "entitlements",
+)
+CODER_SECTION_NAMES: dict[str, str] = {
+    "access_url": "AccessURL",
+    "database": "Database",
+    "websocket": "Websocket",
+    "derp": "DERP",
+    "workspace_proxy": "WorkspaceProxy",
+    "provisioner_daemons": "ProvisionerDaemons",
+    "entitlements": "Entitlements",
+}
+_BY_ANY_SPELLING = {
+    **{k.lower(): k for k in SECTION_NAMES},
+    **{v.lower(): k for k, v in CODER_SECTION_NAMES.items()},
+}
+
+
+class UnknownSectionError(ValueError):
+    def __init__(self, name: str) -> None:
+        known = ", ".join(SECTION_NAMES)
+        super().__init__(f"unknown section {name!r}; known sections: {known}")
+        self.name = name
+
+
+def canonical_section(name: str) -> str:
+    """Map `Database`, `database` or `DATABASE` to the snake_case key; raise on anything else."""
+    try:
+        return _BY_ANY_SPELLING[name.strip().lower()]
+    except KeyError:
+        raise UnknownSectionError(name) from None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One coded observation. Severity OK marks a message-only code (it informs, never raises)."""
+
+    code: str
+    message: str
+    severity: Severity = Severity.WARNING
+
+    def text(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+@dataclass
+class Section:
+    """The result of one family run.
+
+    `healthy` is None for sections that have no such key in Coder's report
+    (provisioner_daemons); `dismissed` is never stored, it is applied at read time.
+    """
+
+    severity: Severity
+    warnings: list[Finding] = field(default_factory=list)
+    errors: list[Finding] = field(default_factory=list)
+    healthy: bool | None = True
+    details: dict[str, Any] = field(default_factory=dict)
+    checked_at: datetime = field(default_factory=utcnow)
+    duration_ms: float = 0.0
+    dismissed: bool = False
+
+    @classmethod
+    def from_findings(
+        cls,
+        findings: Iterable[Finding],
+        details: Mapping[str, Any] | None = None,
+        *,
+        healthy: bool | None = None,
+        healthy_key: bool = True,
+    ) -> Section:
+        """Build a section whose severity is the worst finding.
+
+        Error-level findings make up `error`; the rest are `warnings`. Unless given,
+        `healthy` is "no error" (most families' rule); `healthy_key=False` drops the key.
+        """
+        found = list(findings)
+        errors = [f for f in found if f.severity is Severity.ERROR]
+        warnings = [f for f in found if f.severity is not Severity.ERROR]
+        severity = Severity.worst(f.severity for f in found)
+        if not healthy_key:
+            healthy_value: bool | None = None
+        elif healthy is None:
+            healthy_value = not errors
+        else:
+            healthy_value = healthy
+        return cls(
+            severity=severity,
+            warnings=warnings,
+            errors=errors,
+            healthy=healthy_value,
+            details=dict(details or {}),
+        )
+
+    @property
+    def error(self) -> str | None:
+        if not self.errors:
+            return None
+        return "\n".join(f.text() for f in self.errors)
+
+    @property
+    def codes(self) -> list[str]:
+        return [f.code for f in self.errors] + [f.code for f in self.warnings]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.healthy is not None:
+            out["healthy"] = self.healthy
+        out["severity"] = self.severity.value
+        out["warnings"] = [{"code": w.code, "message": w.message} for w in self.warnings]
+        if self.errors:
+            out["error"] = self.error
+        out["dismissed"] = self.dismissed
+        out.update(self.details)
+        out["checked_at"] = rfc3339(self.checked_at)
+        out["duration_ms"] = round(self.duration_ms, 3)
+        return out
+
+    def to_stored(self) -> dict[str, Any]:
+        """The stored form: the report form without `dismissed`, plus the structured errors."""
+        out = self.to_dict()
+        out.pop("dismissed", None)
+        out["errors"] = [
+            {"code": e.code, "message": e.message} for e in self.errors
+        ]
+        # Warnings keep their own severity so message-only codes survive a round trip.
+        out["warnings_severity"] = [w.severity.value for w in self.warnings]
+        return out
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> Section:
+        data = dict(data)
+        severities = data.pop("warnings_severity", None)
+        warnings_raw = data.pop("warnings", []) or []
+        if severities is None or len(severities) != len(warnings_raw):
+            severities = [Severity.WARNING.value] * len(warnings_raw)
+        warnings = [
+            Finding(w["code"], w["message"], Severity(s))
+            for w, s in zip(warnings_raw, severities, strict=True)
+        ]
+        errors = [
+            Finding(e["code"], e["message"], Severity.ERROR) for e in data.pop("errors", []) or []
+        ]
+        data.pop("error", None)
+        data.pop("dismissed", None)
+        healthy = data.pop("healthy", None)
+        severity = Severity(data.pop("severity"))
+        checked_at = parse_rfc3339(data.pop("checked_at"))
+        duration_ms = float(data.pop("duration_ms", 0.0))
+        return cls(
+            severity=severity,
+            warnings=warnings,
+            errors=errors,
+            healthy=healthy,
+            details=data,
+            checked_at=checked_at,
+            duration_ms=duration_ms,
+        )
+
+
+def section_failing(name: str, section: Section) -> bool:
+    """Coder's rule: access_url fails above ok, every other section at error."""
+    if name == "access_url":
+        return section.severity is not Severity.OK
+    return section.severity is Severity.ERROR
+
+
+@dataclass
+class Report:
+    """The whole health report, shaped like Coder's `healthsdk.HealthcheckReport`."""
+
+    deployment: str
+    sections: dict[str, Section]
+    time: datetime = field(default_factory=utcnow)
+    coder_version: str | None = None
+
+    @property
+    def severity(self) -> Severity:
+        return Severity.worst(s.severity for s in self.sections.values())
+
+    @property
+    def healthy(self) -> bool:
+        # Dismissed sections still count: dismissal only hides a section from view.
+        return not any(section_failing(name, s) for name, s in self.sections.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "time": rfc3339(self.time),
+            "healthy": self.healthy,
+            "severity": self.severity.value,
+        }
+        for name in SECTION_NAMES:
+            if name in self.sections:
+                out[name] = self.sections[name].to_dict()
+        if self.coder_version is not None:
+            out["coder_version"] = self.coder_version
+        out["deployment"] = self.deployment
+        return out
+
+    def to_text(self) -> str:
+        """Coder's `?format=text` form: time, overall health, then one `name: bool` per section.
+
+        Coder prints derp, access_url, websocket, database in that order; the sections it
+        does not print follow in report order. A section without a `healthy` key
+        (provisioner_daemons) is healthy when it is below error.
+        """
+        lines = [f"time: {rfc3339(self.time)}", f"healthy: {_go_bool(self.healthy)}"]
+        order = ["derp", "access_url", "websocket", "database"]
+        order += [n for n in SECTION_NAMES if n not in order]
+        for name in order:
+            section = self.sections.get(name)
+            if section is None:
+                continue
+            healthy = section.healthy
+            if healthy is None:
+                healthy = section.severity is not Severity.ERROR
+            lines.append(f"{name}: {_go_bool(healthy)}")
+        return "\n".join(lines) + "\n"
+
+
+def _go_bool(value: bool) -> str:
+    return "true" if value else "false"

@@ -1,0 +1,151 @@
+"""Readiness: can the deployment serve right now, judged from stored results.
+
+Pure functions of (settings, latest results, dismissed, excluded, now), so the API, the
+CLI and tests share one rule set:
+
+- a gating section passes when its latest result is fresh and not failing;
+- no result yet, or a stale one, fails: unknown is not ready;
+- dismissed sections are not gating; excluded ones are listed but not judged;
+- optional hysteresis: fail after N consecutive failing results, recover after M passing.
+
+What is shown is only check names and codes: `/readyz` is public.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from deployhealth.model import Section, section_failing, utcnow
+from deployhealth.settings import Settings
+
+# How many past results are replayed when hysteresis is on.
+HYSTERESIS_WINDOW = 100
+
+
+@dataclass(frozen=True)
+class CheckStatus:
+    name: str
+    status: str  # "ok", "failed" or "excluded"
+    reason: str = ""  # for failed: the codes, "no result yet" or "stale ..."
+    codes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "failed"
+
+    def line(self) -> str:
+        if self.status == "ok":
+            return f"[+]{self.name} ok"
+        if self.status == "excluded":
+            return f"[+]{self.name} excluded: ok"
+        return f"[-]{self.name} failed: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    checks: tuple[CheckStatus, ...]
+    evaluated_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def ready(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def text(self, verbose: bool) -> str:
+        if self.ready and not verbose:
+            return "ok"
+        shown = self.checks if verbose else [c for c in self.checks if not c.passed]
+        lines = [c.line() for c in shown]
+        lines.append("readyz check passed" if self.ready else "readyz check failed")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "checks": [
+                {"name": c.name, "status": c.status, "reason": c.reason, "codes": list(c.codes)}
+                for c in self.checks
+            ],
+        }
+
+
+def gating_sections(settings: Settings, dismissed: Iterable[str]) -> list[str]:
+    gone = set(dismissed)
+    return [s for s in settings.gating_sections if s not in gone]
+
+
+def evaluate(
+    settings: Settings,
+    latest: Mapping[str, Section],
+    sections: Sequence[str],
+    *,
+    excluded: Iterable[str] = (),
+    history: Callable[[str], list[Section]] | None = None,
+    now: datetime | None = None,
+) -> Readiness:
+    """Judge `sections` (already filtered for dismissal) from their latest results.
+
+    `history(name)` returns past results newest first; it is only called when hysteresis
+    is configured, so the default path is the single read of `latest`.
+    """
+    now = now or utcnow()
+    skip = set(excluded)
+    checks = []
+    for name in sections:
+        if name in skip:
+            checks.append(CheckStatus(name, "excluded"))
+            continue
+        checks.append(_judge(settings, name, latest.get(name), history, now))
+    return Readiness(tuple(checks), now)
+
+
+def _judge(
+    settings: Settings,
+    name: str,
+    section: Section | None,
+    history: Callable[[str], list[Section]] | None,
+    now: datetime,
+) -> CheckStatus:
+    if section is None:
+        return CheckStatus(name, "failed", "no result yet")
+    age = (now - section.checked_at).total_seconds()
+    if age > settings.stale_after:
+        return CheckStatus(
+            name,
+            "failed",
+            f"stale: last result {age:.0f} s ago (limit {settings.stale_after:.0f} s)",
+        )
+    failing = section_failing(name, section)
+    hysteresis = settings.ready_fail_after > 1 or settings.ready_recover_after > 1
+    if hysteresis and history is not None:
+        past = history(name)
+        failing = _replay(
+            name, past or [section], settings.ready_fail_after, settings.ready_recover_after
+        )
+    if not failing:
+        return CheckStatus(name, "ok")
+    codes = tuple(dict.fromkeys(section.codes)) or ("no code",)
+    if not section_failing(name, section):
+        # Held failed by hysteresis while the newest result already passes.
+        return CheckStatus(
+            name, "failed", f"recovering ({settings.ready_recover_after} passing needed)", codes
+        )
+    return CheckStatus(name, "failed", " ".join(codes), codes)
+
+
+def _replay(name: str, newest_first: list[Section], fail_after: int, recover_after: int) -> bool:
+    """Replay past results oldest first through the N-fail / M-recover state machine."""
+    failing = False
+    fails = passes = 0
+    for section in reversed(newest_first[:HYSTERESIS_WINDOW]):
+        if section_failing(name, section):
+            fails, passes = fails + 1, 0
+            if fails >= fail_after:
+                failing = True
+        else:
+            fails, passes = 0, passes + 1
+            if passes >= recover_after:
+                failing = False
+    return failing

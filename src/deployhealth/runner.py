@@ -1,0 +1,123 @@
+"""Runs families: each under its deadline, never raising, all of them concurrently.
+
+A probe respects its deadline through its socket timeouts; the runner is the backstop.
+It runs the probe on a worker thread and, if the probe is still busy a moment after the
+deadline, returns an EUNKNOWN section instead of waiting: a check that hangs is worse
+than one that fails. The stuck thread is abandoned (daemon), never joined.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from deployhealth.checks import FAMILIES, get_probe
+from deployhealth.deadline import Deadline
+from deployhealth.metrics import MetricsSink
+from deployhealth.model import Finding, Section, Severity, utcnow
+from deployhealth.redact import Redactor
+from deployhealth.settings import Settings
+from deployhealth.store import ResultStore, StoreUnavailable
+
+# How long past its deadline a probe may take to hand back what it found.
+DEADLINE_GRACE_SECONDS = 0.5
+
+
+def run_family(family: str, settings: Settings, deadline: Deadline | None = None) -> Section:
+    """Run one family and return its section; never raises, never outlives the deadline."""
+    if deadline is None:
+        deadline = Deadline.after(settings.deadline_for(family))
+    redactor = Redactor.for_settings(settings)
+    started_at = utcnow()
+    start = time.monotonic()
+    outcome: list[Section | BaseException] = []
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome.append(get_probe(family)(settings, deadline))
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name=f"probe-{family}", daemon=True)
+    worker.start()
+    if not done.wait(deadline.remaining() + DEADLINE_GRACE_SECONDS):
+        budget = deadline.at - start
+        section = _unknown(f"the check did not finish within its {budget:.1f} s deadline")
+    else:
+        result = outcome[0]
+        if isinstance(result, Section):
+            section = result
+        else:
+            message = redactor.scrub(f"{type(result).__name__}: {result}")
+            section = _unknown(message)
+    section.checked_at = started_at
+    section.duration_ms = (time.monotonic() - start) * 1000.0
+    return section
+
+
+def _unknown(message: str) -> Section:
+    return Section.from_findings([Finding("EUNKNOWN", message, Severity.ERROR)])
+
+
+def run_families(
+    settings: Settings,
+    families: Iterable[str] = FAMILIES,
+    *,
+    max_seconds: float | None = None,
+    on_done: Callable[[str, Section], None] | None = None,
+) -> dict[str, Section]:
+    """Run families concurrently; `max_seconds` caps every family's deadline (force runs)."""
+    names = list(dict.fromkeys(families))
+    if not names:
+        return {}
+
+    def one(name: str) -> tuple[str, Section]:
+        seconds = settings.deadline_for(name)
+        if max_seconds is not None:
+            seconds = min(seconds, max_seconds)
+        section = run_family(name, settings, Deadline.after(seconds))
+        if on_done is not None:
+            on_done(name, section)
+        return name, section
+
+    with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="family") as pool:
+        results = dict(pool.map(one, names))
+    return {name: results[name] for name in names}
+
+
+@dataclass
+class Recorder:
+    """Stores each finished section and emits its metrics; store failures are reported, not raised."""
+
+    store: ResultStore | None
+    metrics: MetricsSink | None
+    store_errors: list[str]
+
+    def __call__(self, name: str, section: Section) -> None:
+        if self.metrics is not None:
+            self.metrics.section(name, section)
+        if self.store is not None:
+            try:
+                self.store.put(name, section)
+            except StoreUnavailable as exc:
+                self.store_errors.append(str(exc))
+
+
+def run_and_record(
+    settings: Settings,
+    families: Iterable[str],
+    store: ResultStore | None,
+    metrics: MetricsSink | None,
+    *,
+    max_seconds: float | None = None,
+) -> tuple[dict[str, Section], list[str]]:
+    """Run, store and measure; returns the sections and any store errors."""
+    recorder = Recorder(store, metrics, [])
+    sections = run_families(settings, families, max_seconds=max_seconds, on_done=recorder)
+    return sections, recorder.store_errors
