@@ -1,0 +1,87 @@
+"""`deployhealth demo`: a simulated deployment on loopback, and deployhealth serving against it.
+
+Everything is real: the access URL is an HTTP server, the database a PostgreSQL reached
+through a TCP proxy that can add latency. Faults are switched on the simulation's
+`/_sim/faults` endpoint, and `/readyz` follows within one check interval.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from deployhealth.settings import Secret, Settings, StoreLocation
+
+# Added to each packet in each direction when the database is "slow": a round trip then
+# takes over 2 x 20 ms, well above the default 15 ms threshold.
+SLOW_DATABASE_DELAY_SECONDS = 0.02
+
+BANNER = """
+deployhealth demo: a simulated Coder deployment is running on loopback.
+
+  simulated deployment   {sim}
+  PostgreSQL             127.0.0.1:{pg_port} (through a latency proxy on :{proxy_port})
+  deployhealth API       {{api}}
+
+Try:
+  curl {{api}}/readyz?verbose
+  curl {{api}}/api/v2/debug/health
+  open {{api}}/health in a browser
+
+Break it (checks run every {interval:g} s; /readyz follows within one round):
+  curl -X POST '{sim}/_sim/faults?healthz=502'        # load balancer cannot reach Coder
+  curl -X POST '{sim}/_sim/faults?healthz=wrong-body' # DNS points at something else
+  curl -X POST '{sim}/_sim/faults?healthz=hang'       # server accepts, never answers
+  curl -X POST '{sim}/_sim/faults?database=down'      # PostgreSQL stopped
+  curl -X POST '{sim}/_sim/faults?database=slow'      # ~40 ms per round trip
+  curl -X POST '{sim}/_sim/faults?reset'              # everything healthy again
+
+Ctrl-C stops everything.
+"""
+
+
+def run_demo(port: int, interval: float) -> int:
+    from deployhealth.cli import serve
+    from deployhealth.sim.deployment import SimulatedDeployment
+    from deployhealth.sim.postgres import LocalPostgres, PostgresError
+    from deployhealth.sim.tcp import DelayProxy
+
+    workdir = Path(tempfile.mkdtemp(prefix="deployhealth-demo-"))
+    print("deployhealth demo: starting PostgreSQL ...", file=sys.stderr)
+    postgres = LocalPostgres(database="coder")
+    try:
+        postgres.start()
+    except PostgresError as exc:
+        print(f"deployhealth demo: cannot start PostgreSQL: {exc}", file=sys.stderr)
+        postgres.close()
+        return 2
+    proxy = DelayProxy(postgres.host, postgres.port, 0.0)
+    proxy.start()
+
+    def apply_database_fault(mode: str) -> None:
+        if mode == "down":
+            postgres.stop()
+            return
+        postgres.start()
+        proxy.delay_seconds = SLOW_DATABASE_DELAY_SECONDS if mode == "slow" else 0.0
+
+    sim = SimulatedDeployment(on_database=apply_database_fault).start()
+    # The same URL as the server's own, but through the latency proxy.
+    database_url = postgres.url.replace(f":{postgres.port}/", f":{proxy.port}/")
+    settings = Settings(
+        name="demo",
+        access_url=sim.url,
+        database_url=Secret(database_url),
+        check_interval_seconds=interval,
+        store=StoreLocation("sqlite", path=str(workdir / "results.db")),
+    )
+    banner = BANNER.format(
+        sim=sim.url, pg_port=postgres.port, proxy_port=proxy.port, interval=interval
+    )
+    try:
+        return serve(settings, "127.0.0.1", port, banner=banner)
+    finally:
+        sim.close()
+        proxy.close()
+        postgres.close()
