@@ -1,0 +1,177 @@
+"""`make bench`: deployhealth's speed targets, as ratios against baselines from the same run.
+
+1. `check` of all families against the slowest single family (target <= 1.2): the families
+   run concurrently, so the whole should cost about its slowest part.
+2. A warm `/readyz` through the API handler, with the store on loopback (DynamoDB over HTTP),
+   against a bare `store.latest()` (target <= 1.5x): readiness adds little to its one read.
+3. Import time of the API handler module, against the interpreter's bare start
+   (target <= 300 ms), and the modules that dominate it.
+
+Everything runs on 127.0.0.1: a simulated deployment, a real PostgreSQL, moto's DynamoDB.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = 7
+READYZ_REQUESTS = 300
+
+
+def median_seconds(fn: Callable[[], object], rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def verdict(value: float, target: float) -> str:
+    return "meets target" if value <= target else "MISSES target"
+
+
+def bench_check_concurrency() -> None:
+    from deployhealth.checks import FAMILIES
+    from deployhealth.runner import run_families
+    from deployhealth.settings import Secret, Settings
+    from deployhealth.sim.deployment import SimulatedDeployment
+    from deployhealth.sim.postgres import LocalPostgres
+
+    with LocalPostgres() as postgres, SimulatedDeployment() as sim:
+        postgres.start()
+        settings = Settings(
+            name="bench", access_url=sim.url, database_url=Secret(postgres.url)
+        )
+        run_families(settings)  # warm: imports, first connections
+        singles = {
+            name: median_seconds(lambda n=name: run_families(settings, [n]), ROUNDS)
+            for name in FAMILIES
+        }
+        together = median_seconds(lambda: run_families(settings), ROUNDS)
+    slowest_name = max(singles, key=lambda n: singles[n])
+    slowest = singles[slowest_name]
+    ratio = together / slowest
+    print("1. check, all families vs the slowest single family")
+    for name, seconds in singles.items():
+        print(f"   {name:<22} {seconds * 1000:8.1f} ms (median of {ROUNDS})")
+    print(f"   {'all, concurrently':<22} {together * 1000:8.1f} ms")
+    print(f"   ratio all / slowest ({slowest_name}): {ratio:.2f}  (target <= 1.2: "
+          f"{verdict(ratio, 1.2)})")
+
+
+def bench_readyz() -> None:
+    from moto.server import ThreadedMotoServer
+
+    from deployhealth.api.app import ApiContext, create_app
+    from deployhealth.api.local import build_event
+    from deployhealth.model import Section, Severity
+    from deployhealth.settings import Settings, StoreLocation
+    from deployhealth.store.dynamodb import DynamoDBStore
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        store = DynamoDBStore("bench", "bench", 7.0, region="us-east-1", endpoint_url=endpoint)
+        store.create_table()
+        for name in ("access_url", "database"):
+            store.put(name, Section(Severity.OK, details={"reachable": True}))
+        settings = Settings(
+            name="bench",
+            store=StoreLocation("dynamodb", table="bench", region="us-east-1",
+                                endpoint_url=endpoint),
+        )
+        app = create_app(ApiContext(settings, store=store))
+        event = build_event("GET", "/readyz", [("host", "bench")], b"", "127.0.0.1")
+
+        def readyz() -> None:
+            response = app(event, None)
+            assert response["statusCode"] == 200, response
+
+        for _ in range(20):  # warm: connection pool, Powertools route compilation
+            readyz()
+            store.latest()
+        # Interleaved rounds, so drift in the moto server affects both sides alike.
+        bare, handler = [], []
+        for _ in range(READYZ_REQUESTS):
+            start = time.perf_counter()
+            store.latest()
+            bare.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            readyz()
+            handler.append(time.perf_counter() - start)
+        store.close()
+    finally:
+        server.stop()
+    b, h = statistics.median(bare), statistics.median(handler)
+    ratio = h / b
+    print("2. warm /readyz through the handler vs a bare store read (DynamoDB on loopback)")
+    print(f"   bare store.latest()    {b * 1000:8.3f} ms (median of {READYZ_REQUESTS})")
+    print(f"   /readyz handler        {h * 1000:8.3f} ms")
+    print(f"   ratio handler / bare: {ratio:.2f}  (target <= 1.5: {verdict(ratio, 1.5)})")
+
+
+def _fresh_python(code: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "functions" / "api")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code], capture_output=True, text=True, env=env,
+        check=True, cwd=tempfile.gettempdir(),
+    )
+
+
+def bench_import_time() -> None:
+    timer = "import time; t = time.perf_counter(); {stmt}; print(time.perf_counter() - t)"
+    _fresh_python("import app")  # compile .pyc files once, as a deployed layer ships them
+    baseline = statistics.median(
+        float(_fresh_python(timer.format(stmt="import json")).stdout) for _ in range(ROUNDS)
+    )
+    handler = statistics.median(
+        float(_fresh_python(timer.format(stmt="import app")).stdout) for _ in range(ROUNDS)
+    )
+    # -X importtime: cumulative microseconds per top-level package.
+    trace = _fresh_python("import app", "-X", "importtime").stderr
+    cumulative: dict[str, int] = {}
+    for line in trace.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)", line)
+        if match and len(match.group(2)) <= 1:  # top-level imports only
+            package = match.group(3).split(".")[0]
+            cumulative[package] = max(cumulative.get(package, 0), int(match.group(1)))
+    top = sorted(cumulative.items(), key=lambda kv: kv[1], reverse=True)[:5]
+    print("3. import time of the API handler module (functions/api/app.py)")
+    print(f"   import json (baseline)  {baseline * 1000:8.1f} ms")
+    print(f"   import app              {handler * 1000:8.1f} ms  "
+          f"({handler / baseline:.0f}x the baseline; target <= 300 ms: "
+          f"{verdict(handler, 0.300)})")
+    print("   dominated by: " + ", ".join(f"{name} {us / 1000:.0f} ms" for name, us in top))
+
+
+def main() -> int:
+    print(f"deployhealth benchmarks ({sys.version.split()[0]}, {os.cpu_count()} cores)\n")
+    bench_check_concurrency()
+    print()
+    bench_readyz()
+    print()
+    bench_import_time()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

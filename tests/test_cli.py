@@ -1,0 +1,255 @@
+"""The `deployhealth` command as a user runs it: a real process, real servers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from deployhealth.sim.deployment import SimulatedDeployment
+from deployhealth.sim.tcp import free_port
+
+COMMAND = str(Path(sys.executable).parent / "deployhealth")
+# Long enough for any round on a loaded CI machine, short enough to fail fast when broken.
+EVENT_TIMEOUT = 60
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [COMMAND, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHEALTH_")}
+    env.update(settings)
+    return env
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatedDeployment]:
+    with SimulatedDeployment() as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def healthy_env(sim: SimulatedDeployment, local_postgres) -> dict[str, str]:
+    return clean_env(
+        DEPLOYHEALTH_NAME="cli-test",
+        DEPLOYHEALTH_ACCESS_URL=sim.url,
+        DEPLOYHEALTH_DATABASE_URL=local_postgres.url,
+        # Loopback is fast, but a loaded CI machine is not: EDB02 is not under test here.
+        DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
+    )
+
+
+def test_check_json_prints_only_the_report_and_exits_0_when_ready(healthy_env, tmp_path):
+    result = run(["check", "--json"], healthy_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # stdout is the report and nothing else
+    assert report["healthy"] is True
+    assert report["deployment"] == "cli-test"
+    assert report["access_url"]["status_code"] == 200
+    assert report["database"]["reachable"] is True
+
+
+def test_check_exits_1_and_names_the_code_when_the_access_url_fails(healthy_env, sim, tmp_path):
+    sim.set_faults({"healthz": "502"})
+    result = run(["check", "--json"], healthy_env, tmp_path)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert [w["code"] for w in report["access_url"]["warnings"]] == ["EACS04"]
+
+    table = run(["check"], healthy_env, tmp_path)
+    assert table.returncode == 1
+    assert "EACS04" in table.stdout and "NOT READY (access_url failing)" in table.stdout
+
+
+def test_check_section_judges_only_the_named_sections(healthy_env, sim, tmp_path):
+    sim.set_faults({"healthz": "502"})
+    result = run(["check", "--json", "--section", "Database"], healthy_env, tmp_path)
+    assert result.returncode == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert set(report) >= {"database"} and "access_url" not in report
+
+
+def test_check_with_the_database_down_is_not_ready(sim, tmp_path):
+    env = clean_env(
+        DEPLOYHEALTH_ACCESS_URL=sim.url,
+        DEPLOYHEALTH_DATABASE_URL=f"postgresql://coder:pw@127.0.0.1:{free_port()}/coder",
+    )
+    result = run(["check", "--json"], env, tmp_path)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["database"]["error"].startswith("EDB01")
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS": "fast"}, "DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS"),
+        ({"DEPLOYHEALTH_STORE": "redis://x"}, "DEPLOYHEALTH_STORE"),
+        ({"DEPLOYHEALTH_ACESS_URL": "http://x"}, "DEPLOYHEALTH_ACCESS_URL"),
+    ],
+)
+def test_bad_settings_exit_2_naming_the_key(settings, key, tmp_path):
+    result = run(["check"], clean_env(**settings), tmp_path)
+    assert result.returncode == 2
+    assert key in result.stderr
+    assert result.stdout == ""
+
+
+def test_bad_settings_in_a_toml_file_name_the_file_and_key(tmp_path):
+    config = tmp_path / "health.toml"
+    config.write_text('stale_after_seconds = "soon"\n')
+    result = run(["check", "--config", str(config)], clean_env(), tmp_path)
+    assert result.returncode == 2
+    assert "stale_after_seconds" in result.stderr and "not a number" in result.stderr
+
+
+def test_a_secret_never_reaches_the_output(sim, tmp_path):
+    password = "pl4nted-S3cret-value"
+    env = clean_env(
+        DEPLOYHEALTH_ACCESS_URL=sim.url,
+        DEPLOYHEALTH_DATABASE_URL=f"postgresql://coder:{password}@127.0.0.1:{free_port()}/db",
+    )
+    for args in (["check"], ["check", "--json"]):
+        result = run(args, env, tmp_path)
+        assert password not in result.stdout + result.stderr
+
+
+def test_codes_lists_and_explains(tmp_path):
+    listing = run(["codes"], clean_env(), tmp_path)
+    assert listing.returncode == 0
+    assert "EACS04" in listing.stdout and "EDB01" in listing.stdout
+    one = run(["codes", "edb02"], clean_env(), tmp_path)
+    assert one.returncode == 0
+    assert "docs/codes.md#edb02" in one.stdout
+    unknown = run(["codes", "EXYZ99"], clean_env(), tmp_path)
+    assert unknown.returncode == 2 and "unknown code" in unknown.stderr
+
+
+class ServeProcess:
+    """`deployhealth serve` (or `demo`) in the background; its stderr lines are events."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [COMMAND, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            text=True, env=env, cwd=cwd,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put("")  # EOF
+
+    def wait_for(self, prefix: str) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=EVENT_TIMEOUT)
+            except queue.Empty:
+                pytest.fail(f"no line starting {prefix!r}; so far: {''.join(self.seen)}")
+            self.seen.append(line)
+            if line == "":
+                pytest.fail(f"process ended before {prefix!r}: {''.join(self.seen)}")
+            if line.lstrip().startswith(prefix):
+                return line
+
+    def next_round_started_after_now(self) -> str:
+        # The round in flight may have started before the change; the one after it cannot.
+        self.wait_for("round:")
+        return self.wait_for("round:")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=EVENT_TIMEOUT)
+
+
+def readyz(base: str) -> requests.Response:
+    return requests.get(f"{base}/readyz", params={"verbose": ""}, timeout=10)
+
+
+def test_serve_turns_readyz_503_within_one_round_of_a_fault_and_back(healthy_env, sim, tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{tmp_path / 'r.db'}"}
+    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    try:
+        server.wait_for("round:")
+        assert readyz(base).status_code == 200
+
+        sim.set_faults({"healthz": "502"})
+        server.next_round_started_after_now()
+        down = readyz(base)
+        assert down.status_code == 503
+        assert "[-]access_url failed: EACS04" in down.text
+        assert down.headers["Cache-Control"] == "no-store"
+
+        sim.set_faults({"reset": ""})
+        server.next_round_started_after_now()
+        up = readyz(base)
+        assert up.status_code == 200
+        assert "[+]access_url ok" in up.text and "[+]database ok" in up.text
+    finally:
+        assert server.stop() == 0
+
+
+def test_serve_follows_the_database_going_down_and_coming_back(sim, tmp_path):
+    from deployhealth.sim.postgres import LocalPostgres
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with LocalPostgres() as postgres:
+        env = clean_env(
+            DEPLOYHEALTH_ACCESS_URL=sim.url,
+            DEPLOYHEALTH_DATABASE_URL=postgres.url,
+            DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
+            DEPLOYHEALTH_STORE=f"sqlite:///{tmp_path / 'r.db'}",
+        )
+        server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+        try:
+            server.wait_for("round:")
+            assert readyz(base).status_code == 200
+            postgres.stop()
+            server.next_round_started_after_now()
+            down = readyz(base)
+            assert down.status_code == 503 and "[-]database failed: EDB01" in down.text
+            postgres.start()
+            server.next_round_started_after_now()
+            assert readyz(base).status_code == 200
+        finally:
+            assert server.stop() == 0
+
+
+def test_demo_serves_both_sections_and_takes_faults(tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    demo = ServeProcess(
+        ["demo", "--port", str(port), "--interval", "1"], clean_env(), tmp_path
+    )
+    try:
+        sim_line = demo.wait_for("simulated deployment")
+        sim_url = sim_line.split()[-1]
+        demo.wait_for("round:")
+        ready = readyz(base)
+        assert ready.status_code == 200, ready.text
+        assert "[+]access_url ok" in ready.text and "[+]database ok" in ready.text
+
+        fault = requests.post(f"{sim_url}/_sim/faults", params={"database": "down"}, timeout=10)
+        assert fault.status_code == 200
+        demo.next_round_started_after_now()
+        assert "[-]database failed: EDB01" in readyz(base).text
+    finally:
+        assert demo.stop() == 0
