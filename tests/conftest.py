@@ -1,0 +1,114 @@
+"""Shared fixtures: a DynamoDB endpoint on loopback and a result store of either backend."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from deployhealth.store import ResultStore
+
+# Dummy credentials for the loopback DynamoDB endpoint. The secret is distinctive so that a
+# test can search every error text for it.
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key-must-never-print",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # No developer profile or instance metadata may leak into the tests.
+    "AWS_CONFIG_FILE": "/nonexistent/deployhealth-tests/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/deployhealth-tests/aws-credentials",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def dynamodb_endpoint() -> Iterator[str]:
+    """moto's DynamoDB in server mode on 127.0.0.1 (a free port), spoken to over HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in AWS_TEST_ENV.items():
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        env.delenv("AWS_REGION", raising=False)
+        # werkzeug logs every request at INFO; a failing test's report should show ours.
+        quiet = logging.getLogger("werkzeug")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+            quiet.setLevel(level)
+
+
+StoreFactory = Callable[..., ResultStore]
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Open stores of one backend that share one file or table for the whole test.
+
+    `make(deployment="coder", retention_days=7.0)`: several deployments or retentions can
+    look at the same storage, as several Lambda functions look at one table.
+    """
+    opened: list[ResultStore] = []
+    if request.param == "sqlite":
+        path = str(tmp_path / "results.db")
+
+        def make(deployment: str = "coder", retention_days: float = 7.0) -> ResultStore:
+            from deployhealth.store.sqlite import SQLiteStore
+
+            store = SQLiteStore(path, deployment, retention_days)
+            opened.append(store)
+            return store
+
+    else:
+        endpoint = request.getfixturevalue("dynamodb_endpoint")
+        table = f"health-{uuid.uuid4().hex[:12]}"
+        created = False
+
+        def make(deployment: str = "coder", retention_days: float = 7.0) -> ResultStore:
+            from deployhealth.store.dynamodb import DynamoDBStore
+
+            nonlocal created
+            store = DynamoDBStore(table, deployment, retention_days, endpoint_url=endpoint)
+            if not created:
+                store.create_table()
+                created = True
+            opened.append(store)
+            return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(store_factory: StoreFactory) -> ResultStore:
+    """A fresh, empty store of each backend (the contract suite runs against both)."""
+    return store_factory()
+
+
+@pytest.fixture(scope="session")
+def local_postgres() -> Iterator[object]:
+    """A real, password-protected PostgreSQL on 127.0.0.1, shared by the session.
+
+    Tests must leave it running with its password unchanged; a test that needs a stopped
+    server starts its own `LocalPostgres`.
+    """
+    from deployhealth.sim.postgres import LocalPostgres
+
+    server = LocalPostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
