@@ -93,7 +93,7 @@ def run_families(
 
 @dataclass
 class Recorder:
-    """Stores each finished section and emits its metrics; store failures are reported, not raised."""
+    """Stores each finished section and emits its metrics; store failures are collected."""
 
     store: ResultStore | None
     metrics: MetricsSink | None

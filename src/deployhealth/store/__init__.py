@@ -40,7 +40,7 @@ class ResultStore(Protocol):
     def history(
         self, name: str, *, limit: int = 50, since: datetime | None = None
     ) -> list[Section]:
-        """Past sections of one family, newest first, at most `limit`, checked at or after `since`."""
+        """Past sections of one family, newest first: at most `limit`, none before `since`."""
 
     def dismissed(self) -> tuple[str, ...] | None:
         """The dismissed sections, or None when they were never set."""

@@ -51,7 +51,8 @@ class SQLiteStore:
             self._db = sqlite3.connect(path, check_same_thread=False, timeout=5.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
+            # OSError: the parent directory cannot be made (a file stands there, no rights).
             raise StoreUnavailable(self.description, str(exc)) from None
 
     def put(self, name: str, section: Section) -> None:

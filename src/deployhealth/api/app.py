@@ -1,0 +1,951 @@
+"""The API function's routes, on one Powertools `Router` shared by two resolvers.
+
+API Gateway's HTTP API (payload format 2.0) and an ALB target group send differently shaped
+events and expect differently shaped answers; Powertools' `APIGatewayHttpResolver` and
+`ALBResolver` each speak one of them, so both include the same `Router` and `ApiApp.handle`
+picks one per event (ALB events carry `requestContext.elb`).
+
+Every answer is a valid proxy response: API Gateway and ALB turn a raised exception or a
+malformed response into `502`, which a load balancer reads as "the server behind me is
+down". So errors become `{"message", "detail"}` JSON through Powertools exception handlers,
+and `handle` has a last-resort `500` of its own.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from http import HTTPStatus
+from typing import IO, Any, TypeVar
+from urllib.parse import quote, unquote, unquote_plus
+
+from aws_lambda_powertools.event_handler import ALBResolver, APIGatewayHttpResolver, Response
+from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver, Router
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
+
+from deployhealth.codes import CODES, DOCS_PATH
+from deployhealth.metrics import MetricsSink
+from deployhealth.model import (
+    CODER_SECTION_NAMES,
+    SECTION_NAMES,
+    Report,
+    Section,
+    UnknownSectionError,
+    canonical_section,
+    parse_rfc3339,
+    rfc3339,
+    section_failing,
+    utcnow,
+)
+from deployhealth.readiness import HYSTERESIS_WINDOW, Readiness, evaluate, gating_sections
+from deployhealth.redact import Redactor
+from deployhealth.settings import Settings, SettingsError, load_settings
+from deployhealth.store import ResultStore, StoreUnavailable, open_store
+
+logger = logging.getLogger(__name__)
+
+# API Gateway gives a Lambda integration 30 s; a forced run must answer well inside that.
+FORCE_MAX_SECONDS = 25.0
+HISTORY_DEFAULT_LIMIT = 50
+HISTORY_MAX_LIMIT = 1000
+HTML_HISTORY_LIMIT = 10
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+HTML = "text/html; charset=utf-8"
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+class ApiError(Exception):
+    """An answer other than 2xx that the route decided on: status, message and detail."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class ApiContext:
+    """What the routes need: settings, a result store opened on first use, a metrics sink.
+
+    Built once per process (a Lambda cold start, or `deployhealth serve`) and shared by
+    every request. The store is opened lazily so that `/healthz` never touches it and a
+    store that is down at start-up does not stop the function from answering; a failed
+    open is retried on the next request. Settings that failed to load are kept as the
+    error, so that `/healthz` still answers and every other route can say what is wrong.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        metrics: MetricsSink | None = None,
+        store: ResultStore | None = None,
+        settings_error: SettingsError | None = None,
+        docs_base_url: str = "",
+    ) -> None:
+        if settings is None and settings_error is None:
+            raise ValueError("ApiContext needs settings or the error that loading them raised")
+        self._settings = settings
+        self._settings_error = settings_error
+        self._store: ResultStore | None = None
+        # A store handed in belongs to the caller (the local server shares it with the
+        # scheduler); one opened here is closed here.
+        self._owns_store = store is None
+        if store is not None:
+            self._store = _GuardedStore(store, self.describe)
+        self._store_lock = threading.Lock()
+        self.docs_base_url = docs_base_url
+        if metrics is None and settings is not None:
+            metrics = MetricsSink(settings.metrics_namespace, settings.name, None)
+        self.metrics = metrics
+        self.redactor = Redactor.for_settings(settings) if settings is not None else Redactor(())
+
+    @classmethod
+    def from_environment(cls, metrics_stream: IO[str] | None = None, **kwargs: Any) -> ApiContext:
+        """Settings from `load_settings()`; an invalid setting is kept, not raised."""
+        try:
+            settings = load_settings()
+        except SettingsError as exc:
+            return cls(settings_error=exc, **kwargs)
+        metrics = MetricsSink(settings.metrics_namespace, settings.name, metrics_stream)
+        return cls(settings, metrics=metrics, **kwargs)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            assert self._settings_error is not None
+            raise self._settings_error
+        return self._settings
+
+    @property
+    def settings_error(self) -> SettingsError | None:
+        return self._settings_error
+
+    def store(self) -> ResultStore:
+        if self._store is not None:
+            return self._store
+        settings = self.settings
+        with self._store_lock:
+            if self._store is None:
+                location = settings.store
+                try:
+                    opened = open_store(location, settings.name, settings.history_retention_days)
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    raise StoreUnavailable(location.describe(), self.describe(exc)) from None
+                self._store = _GuardedStore(opened, self.describe)
+            return self._store
+
+    def dismissed(self, store: ResultStore) -> tuple[str, ...]:
+        """The dismissed sections: as set through the API, else as configured."""
+        stored = store.dismissed()
+        return stored if stored is not None else self.settings.dismissed_sections
+
+    def describe(self, exc: BaseException) -> str:
+        return self.redactor.scrub(f"{type(exc).__name__}: {exc}")
+
+    def scrub(self, text: str) -> str:
+        return self.redactor.scrub(text)
+
+    def close(self) -> None:
+        with self._store_lock:
+            if self._store is not None and self._owns_store:
+                self._store.close()
+                self._store = None
+
+
+_T = TypeVar("_T")
+
+
+class _GuardedStore:
+    """A store whose every failure is `StoreUnavailable`.
+
+    Each backend promises that already; this keeps the promise when a backend fails in a
+    way its module did not foresee, because to a caller that is still "the store cannot be
+    read" (503 naming the store), never a crash (500) of deployhealth itself.
+    """
+
+    def __init__(self, store: ResultStore, describe: Callable[[BaseException], str]) -> None:
+        self._store = store
+        self._describe = describe
+        self.description = store.description
+
+    def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            logger.exception("the result store failed unexpectedly")
+            raise StoreUnavailable(self.description, self._describe(exc)) from None
+
+    def put(self, name: str, section: Section) -> None:
+        self._call(self._store.put, name, section)
+
+    def latest(self) -> dict[str, Section]:
+        return self._call(self._store.latest)
+
+    def history(
+        self, name: str, *, limit: int = 50, since: datetime | None = None
+    ) -> list[Section]:
+        return self._call(self._store.history, name, limit=limit, since=since)
+
+    def dismissed(self) -> tuple[str, ...] | None:
+        return self._call(self._store.dismissed)
+
+    def set_dismissed(self, sections: Sequence[str]) -> bool:
+        return self._call(self._store.set_dismissed, sections)
+
+    def close(self) -> None:
+        self._store.close()
+
+
+# --- per-thread request state -----------------------------------------------------------
+
+# Powertools keeps the event being resolved in a class attribute (`BaseRouter.current_event`)
+# and the routing context in one dict per resolver. In Lambda one process serves one request
+# at a time, but the local server resolves requests on many threads at once, and they must
+# not see each other's events. The resolvers below keep both per thread instead; the state is
+# module-wide because the shared Router asks whichever resolver included it last.
+_request = threading.local()
+
+
+class _PerThreadState(ApiGatewayResolver):
+    @property  # type: ignore[override]
+    def current_event(self) -> Any:
+        return _request.event
+
+    @current_event.setter
+    def current_event(self, value: Any) -> None:
+        _request.event = value
+
+    @property  # type: ignore[override]
+    def context(self) -> dict[str, Any]:
+        try:
+            return _request.context  # type: ignore[no-any-return]
+        except AttributeError:
+            _request.context = {}
+            return _request.context  # type: ignore[no-any-return]
+
+    @context.setter
+    def context(self, value: dict[str, Any]) -> None:
+        _request.context = value
+
+    def resolve(self, event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        self.current_event = self._to_proxy_event(dict(event))
+        try:
+            return super().resolve(event, context)
+        finally:
+            _request.event = None
+
+
+class _HttpApiResolver(_PerThreadState, APIGatewayHttpResolver):
+    pass
+
+
+class _AlbResolver(_PerThreadState, ALBResolver):
+    pass
+
+
+# --- the application ----------------------------------------------------------------------
+
+
+class ApiApp:
+    """A Lambda handler for HTTP API v2 and ALB events: `app(event, context) -> response`."""
+
+    def __init__(self, context: ApiContext) -> None:
+        self.context = context
+        self.router = build_router(context)
+        self.http_api = _HttpApiResolver()
+        self.http_api.include_router(self.router)
+        self.alb = _AlbResolver()
+        self.alb.include_router(self.router)
+
+    def __call__(self, event: Any, lambda_context: Any = None) -> dict[str, Any]:
+        return self.handle(event, lambda_context)
+
+    def handle(self, event: Any, lambda_context: Any = None) -> dict[str, Any]:
+        alb = is_alb_event(event)
+        try:
+            if not isinstance(event, dict):
+                raise TypeError(f"the event is a {type(event).__name__}, not an object")
+            resolver = self.alb if alb else self.http_api
+            response = resolver.resolve(event, lambda_context)
+            response = self._finish(response, alb)
+        except Exception as exc:
+            logger.exception("request failed outside the routes")
+            response = error_response(
+                event if isinstance(event, dict) else {},
+                500,
+                {"message": "Internal error.", "detail": self.context.describe(exc)},
+            )
+        if not valid_proxy_response(response):
+            logger.error("a route built an invalid proxy response; answering 500 instead")
+            response = error_response(
+                event if isinstance(event, dict) else {},
+                500,
+                {"message": "Internal error.", "detail": "the response was malformed"},
+            )
+        return response
+
+    def _finish(self, response: dict[str, Any], alb: bool) -> dict[str, Any]:
+        if response.get("body") is None:
+            response["body"] = ""
+        if not response.get("isBase64Encoded") and response["body"]:
+            # Defence in depth: whatever a stored section or an exception carried, a
+            # configured secret never leaves in a response.
+            response["body"] = self.context.scrub(response["body"])
+        if alb:
+            response["statusDescription"] = status_description(response["statusCode"])
+        return response
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def create_app(context: ApiContext) -> ApiApp:
+    """The handler for one context; call it as `app(event, lambda_context)`."""
+    return ApiApp(context)
+
+
+def is_alb_event(event: Any) -> bool:
+    if not isinstance(event, dict):
+        return False
+    request_context = event.get("requestContext")
+    return isinstance(request_context, dict) and "elb" in request_context
+
+
+def status_description(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def error_response(
+    event: Mapping[str, Any], status: int, payload: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A JSON answer built without Powertools, in the shape the event's sender expects."""
+    body = json.dumps(payload, separators=(",", ":"))
+    headers = {"Content-Type": JSON}
+    if is_alb_event(event):
+        response: dict[str, Any] = {
+            "statusCode": status,
+            "statusDescription": status_description(status),
+            "isBase64Encoded": False,
+            "body": body,
+        }
+        if event.get("multiValueHeaders"):
+            response["multiValueHeaders"] = {k: [v] for k, v in headers.items()}
+        else:
+            response["headers"] = headers
+        return response
+    return {
+        "statusCode": status,
+        "headers": headers,
+        "cookies": [],
+        "body": body,
+        "isBase64Encoded": False,
+    }
+
+
+def valid_proxy_response(response: Any) -> bool:
+    """What API Gateway and ALB need to not answer 502 themselves."""
+    if not isinstance(response, dict):
+        return False
+    status = response.get("statusCode")
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+        return False
+    if not isinstance(response.get("body"), str):
+        return False
+    headers = response.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        return False
+    multi = response.get("multiValueHeaders", {})
+    return isinstance(multi, dict) and all(
+        isinstance(v, list) and all(isinstance(i, str) for i in v) for v in multi.values()
+    )
+
+
+# --- request helpers ---------------------------------------------------------------------
+
+
+def _json_response(
+    status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> Response[Any]:
+    return Response(status_code=status, content_type=JSON, body=dict(body), headers=headers)
+
+
+def _text_response(
+    status: int, body: str, headers: Mapping[str, str] | None = None
+) -> Response[str]:
+    return Response(status_code=status, content_type=TEXT, body=body, headers=dict(headers or {}))
+
+
+def _bad_request(message: str, detail: str = "") -> ApiError:
+    return ApiError(400, message, detail)
+
+
+def _bool_param(query: Mapping[str, str], name: str) -> bool:
+    """`?name`, `?name=true` and `?name=1` are true; absent, `false` and `0` are false."""
+    if name not in query:
+        return False
+    value = query[name].strip().lower()
+    if value in ("", "true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise _bad_request(
+        f"Query parameter {name!r} must be true or false, not {query[name]!r}.",
+        f"Example: ?{name}=true",
+    )
+
+
+def _list_param(query: Mapping[str, str], name: str) -> list[str]:
+    # HTTP API v2 joins repeated parameters with commas, and the router's `query()` joins
+    # ALB's multi-value form the same way, so one split serves `?a=x&a=y` and `?a=x,y` alike.
+    raw = query.get(name, "")
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _unknown_section_detail() -> str:
+    return (
+        f"Known sections: {', '.join(SECTION_NAMES)}; "
+        f"Coder's names are accepted too: {', '.join(CODER_SECTION_NAMES.values())}."
+    )
+
+
+def _known_section(name: str, param: str) -> str:
+    try:
+        return canonical_section(name)
+    except UnknownSectionError:
+        raise _bad_request(
+            f"Query parameter {param!r} names an unknown section: {name!r}.",
+            _unknown_section_detail(),
+        ) from None
+
+
+def _wants_json(query: Mapping[str, str], accept: str) -> bool:
+    fmt = query.get("format", "").strip().lower()
+    if fmt == "json":
+        return True
+    if fmt == "text":
+        return False
+    if fmt:
+        raise _bad_request(
+            f"Invalid format option {json.dumps(query['format'])}.",
+            'Allowed values are: "json", "text".',
+        )
+    media = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return JSON in media
+
+
+def _parse_limit(query: Mapping[str, str]) -> int:
+    raw = query.get("limit")
+    if raw is None or raw.strip() == "":
+        return HISTORY_DEFAULT_LIMIT
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise _bad_request(
+            f"Query parameter 'limit' must be a whole number, not {raw!r}.",
+            f"Between 1 and {HISTORY_MAX_LIMIT}; the default is {HISTORY_DEFAULT_LIMIT}.",
+        )
+    limit = int(text)
+    if not 1 <= limit <= HISTORY_MAX_LIMIT:
+        raise _bad_request(
+            f"Query parameter 'limit' must be between 1 and {HISTORY_MAX_LIMIT}, not {limit}.",
+        )
+    return limit
+
+
+def _parse_since(query: Mapping[str, str]) -> datetime | None:
+    raw = query.get("since")
+    if raw is None or raw.strip() == "":
+        return None
+    text = raw.strip()
+    # An unencoded `+` in a query string decodes to a space: `...T10:00:00 02:00`.
+    if len(text) > 6 and text[-6] == " " and text[-3] == ":":
+        text = text[:-6] + "+" + text[-5:]
+    if not _looks_rfc3339(text):
+        raise _bad_request(
+            f"Query parameter 'since' must be an RFC 3339 time, not {raw!r}.",
+            "Example: since=2024-05-01T12:00:00Z",
+        )
+    try:
+        return parse_rfc3339(text.upper())
+    except ValueError:
+        raise _bad_request(
+            f"Query parameter 'since' is not a valid time: {raw!r}.",
+            "Example: since=2024-05-01T12:00:00Z",
+        ) from None
+
+
+# fromisoformat alone also takes dates without a time or an offset, which RFC 3339 does not.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _looks_rfc3339(text: str) -> bool:
+    return _RFC3339.fullmatch(text) is not None
+
+
+def _coder_version(sections: Mapping[str, Section]) -> str | None:
+    for name in SECTION_NAMES:
+        section = sections.get(name)
+        if section is not None:
+            version = section.details.get("coder_version")
+            if isinstance(version, str) and version:
+                return version
+    return None
+
+
+def _with_dismissed(
+    sections: Mapping[str, Section], dismissed: Iterable[str]
+) -> dict[str, Section]:
+    gone = set(dismissed)
+    out: dict[str, Section] = {}
+    for name in SECTION_NAMES:
+        section = sections.get(name)
+        if section is not None:
+            section.dismissed = name in gone
+            out[name] = section
+    return out
+
+
+def build_report(
+    settings: Settings,
+    sections: Mapping[str, Section],
+    dismissed: Iterable[str],
+    time: datetime | None = None,
+) -> Report:
+    shown = _with_dismissed(sections, dismissed)
+    if time is None:
+        # Like Coder's cached report, the time is when the results were gathered.
+        time = max((s.checked_at for s in shown.values()), default=None) or utcnow()
+    return Report(
+        deployment=settings.name,
+        sections=shown,
+        time=time,
+        coder_version=_coder_version(shown),
+    )
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def build_router(ctx: ApiContext) -> Router:
+    """The routes of product.md's table, closed over one ApiContext."""
+    router = Router()
+
+    def query() -> dict[str, str]:
+        """Query parameters as HTTP API v2 gives them: decoded, repeats joined by commas."""
+        raw = router.current_event.raw_event
+        if is_alb_event(raw):
+            # ALB passes the query exactly as sent, still percent-encoded.
+            multi = raw.get("multiValueQueryStringParameters")
+            if multi:
+                return {
+                    unquote_plus(k): ",".join(unquote_plus(v) for v in values)
+                    for k, values in multi.items()
+                }
+            single = raw.get("queryStringParameters") or {}
+            return {unquote_plus(k): unquote_plus(v) for k, v in single.items()}
+        return {k: v for k, v in (raw.get("queryStringParameters") or {}).items() if v is not None}
+
+    def header(name: str) -> str:
+        value = router.current_event.resolved_headers_field.get(name)
+        if isinstance(value, list):
+            value = value[-1] if value else None
+        return value if isinstance(value, str) else ""
+
+    def require_token(app: Any, next_middleware: NextMiddleware) -> Response[Any]:
+        token = ctx.settings.api_token
+        if token is not None:
+            scheme, _, given = header("authorization").strip().partition(" ")
+            expected = token.reveal().encode()
+            # compare_digest even for a wrong scheme, so timing says nothing about the token.
+            matches = hmac.compare_digest(given.strip().encode(), expected)
+            if scheme.lower() != "bearer" or not matches:
+                raise ApiError(
+                    401,
+                    "Unauthorized.",
+                    "This route needs an Authorization: Bearer <DEPLOYHEALTH_API_TOKEN> header.",
+                    {"WWW-Authenticate": 'Bearer realm="deployhealth"'},
+                )
+        return next_middleware(app)
+
+    protected = [require_token]
+
+    # -- liveness and readiness (public) --
+
+    @router.get("/healthz")
+    def healthz() -> Response[str]:
+        return _text_response(200, "OK")
+
+    @router.get("/readyz")
+    def readyz() -> Response[Any]:
+        return readiness_answer(None)
+
+    @router.get("/readyz/<section>")
+    def readyz_section(section: str) -> Response[Any]:
+        return readiness_answer(section)
+
+    def readiness_answer(path_section: str | None) -> Response[Any]:
+        only: str | None = None
+        if path_section is not None:
+            try:
+                only = canonical_section(unquote(path_section))
+            except UnknownSectionError:
+                raise ApiError(
+                    404, f"Unknown section {unquote(path_section)!r}.", _unknown_section_detail()
+                ) from None
+        params = query()
+        as_json = _wants_json(params, header("accept"))
+        verbose = _bool_param(params, "verbose")
+        excluded = [_known_section(name, "exclude") for name in _list_param(params, "exclude")]
+        # The Ready metric is the deployment's readiness as configured; a one-section probe or a
+        # caller's exclusions answer a different question.
+        record = only is None and not excluded
+
+        try:
+            settings = ctx.settings
+            store = ctx.store()
+            latest = store.latest()
+            sections = [only] if only else gating_sections(settings, ctx.dismissed(store))
+
+            def history(name: str) -> list[Section]:
+                return store.history(name, limit=HYSTERESIS_WINDOW)
+
+            readiness = evaluate(settings, latest, sections, excluded=excluded, history=history)
+        except (StoreUnavailable, SettingsError) as exc:
+            # Unknown is not ready: a store that cannot be read says nothing about health.
+            if record and ctx.metrics is not None:
+                ctx.metrics.ready(False)
+            return not_ready_unknown(exc, as_json)
+
+        if record and ctx.metrics is not None:
+            ctx.metrics.ready(readiness.ready)
+        return readiness_response(readiness, as_json, verbose)
+
+    def readiness_response(readiness: Readiness, as_json: bool, verbose: bool) -> Response[Any]:
+        status = 200 if readiness.ready else 503
+        if as_json:
+            return _json_response(status, readiness.to_dict(), NO_STORE)
+        return _text_response(status, readiness.text(verbose), NO_STORE)
+
+    def not_ready_unknown(exc: Exception, as_json: bool) -> Response[Any]:
+        message = ctx.scrub(str(exc))
+        if as_json:
+            return _json_response(503, {"ready": False, "checks": [], "message": message}, NO_STORE)
+        return _text_response(503, f"{message}\nreadyz check failed\n", NO_STORE)
+
+    # -- the report (authorized) --
+
+    @router.get("/api/v2/debug/health", middlewares=protected)
+    def health_report() -> Response[Any]:
+        params = query()
+        fmt = params.get("format", "")
+        if fmt not in ("", "json", "text"):
+            raise _bad_request(
+                f"Invalid format option {json.dumps(fmt)}.", 'Allowed values are: "json", "text".'
+            )
+        force = _bool_param(params, "force")
+        settings = ctx.settings
+        store = ctx.store()
+        if force:
+            report = forced_report(settings, store)
+        else:
+            report = build_report(settings, store.latest(), ctx.dismissed(store))
+        if fmt == "text":
+            return _text_response(200, report.to_text())
+        return _json_response(200, report.to_dict())
+
+    def forced_report(settings: Settings, store: ResultStore) -> Report:
+        # Imported here: the families' runner is only needed when someone forces a run.
+        from deployhealth.checks import FAMILIES
+        from deployhealth.runner import run_and_record
+
+        dismissed = ctx.dismissed(store)
+        fresh, store_errors = run_and_record(
+            settings, FAMILIES, store, ctx.metrics, max_seconds=FORCE_MAX_SECONDS
+        )
+        if store_errors:
+            raise StoreUnavailable(
+                store.description,
+                "the forced run finished but its results could not be stored: "
+                + "; ".join(store_errors),
+            )
+        sections = store.latest()
+        sections.update(fresh)
+        return build_report(settings, sections, dismissed, time=utcnow())
+
+    @router.get("/api/v2/debug/health/history", middlewares=protected)
+    def health_history() -> Response[Any]:
+        params = query()
+        raw_section = params.get("section", "").strip()
+        if not raw_section:
+            raise _bad_request(
+                "Query parameter 'section' is required.",
+                f"One of: {', '.join(SECTION_NAMES)}.",
+            )
+        name = _known_section(raw_section, "section")
+        limit = _parse_limit(params)
+        since = _parse_since(params)
+        store = ctx.store()
+        dismissed = name in ctx.dismissed(store)
+        results = store.history(name, limit=limit, since=since)
+        for section in results:
+            section.dismissed = dismissed
+        return _json_response(200, {"section": name, "results": [s.to_dict() for s in results]})
+
+    @router.get("/api/v2/debug/health/settings", middlewares=protected)
+    def get_health_settings() -> Response[Any]:
+        store = ctx.store()
+        return _json_response(200, settings_body(ctx.dismissed(store)))
+
+    @router.put("/api/v2/debug/health/settings", middlewares=protected)
+    def put_health_settings() -> Response[Any]:
+        try:
+            body = router.current_event.decoded_body
+        except ValueError:  # bad base64 or not UTF-8 (UnicodeDecodeError is a ValueError)
+            raise _bad_request("The request body is not UTF-8 text.") from None
+        wanted = parse_settings_body(body)
+        store = ctx.store()
+        if set(wanted) == set(ctx.dismissed(store)):
+            # product.md: unchanged is 204 (Coder itself answers 304 Not Modified).
+            return Response(status_code=204, body="")
+        store.set_dismissed(wanted)
+        return _json_response(200, settings_body(wanted))
+
+    # -- the HTML page (authorized) --
+
+    @router.get("/health", middlewares=protected)
+    def health_page() -> Response[str]:
+        settings = ctx.settings
+        store = ctx.store()
+        report = build_report(settings, store.latest(), ctx.dismissed(store))
+        expected = list(dict.fromkeys([*settings.gating_sections, *report.sections]))
+        history = {
+            name: store.history(name, limit=HTML_HISTORY_LIMIT)
+            for name in SECTION_NAMES
+            if name in expected
+        }
+        page = render_page(report, expected, history, ctx.docs_base_url)
+        return Response(
+            status_code=200,
+            content_type=HTML,
+            body=page,
+            headers={
+                # Self-contained: no script, no fetch, only the inline style below.
+                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    # -- errors --
+
+    @router.exception_handler(ApiError)
+    def api_error(exc: ApiError) -> Response[Any]:
+        headers = {**exc.headers, **(NO_STORE if exc.status >= 500 else {})}
+        return _json_response(
+            exc.status,
+            {"message": ctx.scrub(exc.message), "detail": ctx.scrub(exc.detail)},
+            headers,
+        )
+
+    @router.exception_handler(StoreUnavailable)
+    def store_unavailable(exc: StoreUnavailable) -> Response[Any]:
+        return _json_response(
+            503,
+            {
+                "message": ctx.scrub(str(exc)),
+                "detail": f"The result store {exc.store} could not be read or written.",
+            },
+            NO_STORE,
+        )
+
+    @router.exception_handler(SettingsError)
+    def settings_error(exc: SettingsError) -> Response[Any]:
+        # SettingsError never holds a secret: it names the key and the problem.
+        return _json_response(
+            500, {"message": "deployhealth's settings are invalid.", "detail": str(exc)}, NO_STORE
+        )
+
+    @router.exception_handler(NotFoundError)
+    def not_found(_exc: NotFoundError) -> Response[Any]:
+        event = router.current_event
+        return _json_response(
+            404,
+            {
+                "message": "Route not found.",
+                "detail": f"No route for {event.http_method} {event.path}.",
+            },
+        )
+
+    @router.exception_handler(Exception)
+    def unexpected(exc: Exception) -> Response[Any]:
+        logger.exception("unexpected error in a route")
+        return _json_response(
+            500, {"message": "Internal error.", "detail": ctx.describe(exc)}, NO_STORE
+        )
+
+    return router
+
+
+def settings_body(dismissed: Iterable[str]) -> dict[str, list[str]]:
+    return {"dismissed_healthchecks": [CODER_SECTION_NAMES[name] for name in dismissed]}
+
+
+def parse_settings_body(body: str | None) -> list[str]:
+    """The sections of a PUT body, canonical and in report order; 400 for anything else."""
+    example = 'Example: {"dismissed_healthchecks": ["DERP", "WorkspaceProxy"]}'
+    try:
+        data = json.loads(body or "")
+    except ValueError:
+        raise _bad_request("The request body is not valid JSON.", example) from None
+    if not isinstance(data, dict):
+        raise _bad_request("The request body must be a JSON object.", example)
+    unknown_keys = sorted(set(data) - {"dismissed_healthchecks"})
+    if unknown_keys:
+        raise _bad_request(f"Unknown field(s): {', '.join(unknown_keys)}.", example)
+    if "dismissed_healthchecks" not in data:
+        raise _bad_request("The field 'dismissed_healthchecks' is required.", example)
+    items = data["dismissed_healthchecks"]
+    if items is None:
+        items = []
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise _bad_request("'dismissed_healthchecks' must be a list of section names.", example)
+    names: set[str] = set()
+    for item in items:
+        try:
+            names.add(canonical_section(item))
+        except UnknownSectionError:
+            raise _bad_request(
+                f"'dismissed_healthchecks' names an unknown section: {item!r}.",
+                _unknown_section_detail(),
+            ) from None
+    return [name for name in SECTION_NAMES if name in names]
+
+
+# --- the HTML page -------------------------------------------------------------------------
+
+
+_STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem;color:#222}
+h1{margin:0 0 .25rem}h2{margin-top:2rem}.meta{color:#666}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;vertical-align:top;
+padding:.4rem .5rem;border-bottom:1px solid #ddd}
+.sev{display:inline-block;padding:0 .45rem;border-radius:.6rem;font-weight:600;color:#fff}
+.ok{background:#2e7d32}.warning{background:#b26a00}.error{background:#c62828}.none{background:#777}
+.dismissed{color:#777}ul{margin:0;padding-left:1.1rem}code{font-size:90%}
+.hist{display:flex;gap:.25rem;flex-wrap:wrap}.hist .sev{font-weight:400;font-size:85%}
+"""
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _code_link(code: str, docs_base_url: str) -> str:
+    known = CODES.get(code)
+    anchor = known.anchor if known is not None else f"{DOCS_PATH}#{code.lower()}"
+    path, _, fragment = anchor.partition("#")
+    href = f"{docs_base_url}{path}#{quote(fragment, safe='')}"
+    title = f' title="{_e(known.title)}"' if known is not None else ""
+    return f'<a href="{_e(href)}"{title}><code>{_e(code)}</code></a>'
+
+
+def _badge(severity: str | None) -> str:
+    if severity not in ("ok", "warning", "error"):
+        return '<span class="sev none">no result</span>'
+    return f'<span class="sev {severity}">{severity}</span>'
+
+
+def _messages(section: Section, docs_base_url: str) -> str:
+    items = [
+        f"<li>{_code_link(f.code, docs_base_url)}: {_e(f.message)}</li>"
+        for f in [*section.errors, *section.warnings]
+    ]
+    return f"<ul>{''.join(items)}</ul>" if items else ""
+
+
+def render_page(
+    report: Report,
+    expected: Sequence[str],
+    history: Mapping[str, Sequence[Section]],
+    docs_base_url: str = "",
+) -> str:
+    rows = []
+    for name in SECTION_NAMES:
+        if name not in expected:
+            continue
+        label = f"{_e(CODER_SECTION_NAMES[name])} <span class=meta>({_e(name)})</span>"
+        section = report.sections.get(name)
+        if section is None:
+            rows.append(
+                f"<tr><td>{label}</td><td>{_badge(None)}</td><td colspan=2>no result yet</td></tr>"
+            )
+            continue
+        failing = " (failing)" if section_failing(name, section) else ""
+        opening = (
+            f"<tr class=dismissed><td>{label} (dismissed)</td>"
+            if section.dismissed
+            else f"<tr><td>{label}</td>"
+        )
+        rows.append(
+            f"{opening}<td>{_badge(section.severity.value)}{_e(failing)}</td>"
+            f"<td>{_e(rfc3339(section.checked_at))}<br>"
+            f"<span class=meta>{section.duration_ms:.0f} ms</span></td>"
+            f"<td>{_messages(section, docs_base_url)}</td></tr>"
+        )
+    hist_rows = []
+    for name, past in history.items():
+        marks = []
+        for section in past:
+            codes = " ".join(section.codes) or "no codes"
+            marks.append(
+                f'<span class="sev {_e(section.severity.value)}" '
+                f'title="{_e(rfc3339(section.checked_at))}: {_e(codes)}">'
+                f"{_e(section.checked_at.strftime('%H:%M:%S'))}</span>"
+            )
+        hist_rows.append(
+            f"<tr><td>{_e(name)}</td><td><div class=hist>"
+            f"{''.join(marks) or 'no history'}</div></td></tr>"
+        )
+    version = f" · Coder {_e(report.coder_version)}" if report.coder_version is not None else ""
+    return (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        f"<title>{_e(report.deployment)}: deployment health</title>"
+        f"<style>{_STYLE}</style></head><body>"
+        f"<h1>{_e(report.deployment)}</h1>"
+        f"<p class=meta>{_badge(report.severity.value)} "
+        f"{'healthy' if report.healthy else 'not healthy'} · "
+        f"results as of {_e(rfc3339(report.time))}{version}</p>"
+        "<h2>Sections</h2><table><thead><tr><th>section</th><th>severity</th>"
+        "<th>checked</th><th>findings</th></tr></thead><tbody>"
+        f"{''.join(rows)}</tbody></table>"
+        f"<h2>Recent history</h2><p class=meta>newest first, last {HTML_HISTORY_LIMIT} per "
+        "section</p><table><tbody>"
+        f"{''.join(hist_rows)}</tbody></table>"
+        "</body></html>\n"
+    )

@@ -1,0 +1,1141 @@
+"""The HTTP API, through real HTTP on 127.0.0.1 and through real Lambda event JSON.
+
+Every store is a real SQLite file (or a real unreachable one); every forced run probes a real
+loopback server. Every response any test gets is checked: none is ever 502, and every proxy
+response is one that API Gateway or an ALB would accept.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from deployhealth.api import ApiContext, create_app
+from deployhealth.api.app import ApiApp, valid_proxy_response
+from deployhealth.api.local import MAX_BODY_BYTES, LocalApiServer
+from deployhealth.metrics import MetricsSink
+from deployhealth.model import SECTION_NAMES, Finding, Section, Severity, rfc3339
+from deployhealth.settings import Secret, Settings, SettingsError, StoreLocation
+from deployhealth.sim.tcp import free_port
+from deployhealth.store import StoreUnavailable
+from deployhealth.store.sqlite import SQLiteStore
+
+EVENTS = Path(__file__).resolve().parent.parent / "events"
+ROOT = Path(__file__).resolve().parent.parent
+
+TOKEN = "api-token-PLANTED-7f3c9a1e"
+DB_PASSWORD = "db-pass-PLANTED-b8e2d4"
+
+# Every status and body any test saw, for the "never 502, never a secret" checks.
+SEEN: list[tuple[int, str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_502() -> Iterator[None]:
+    start = len(SEEN)
+    yield
+    statuses = [status for status, _ in SEEN[start:]]
+    assert 502 not in statuses, f"a response was 502: {statuses}"
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+
+def ok_section(checked_at: datetime | None = None, **details: Any) -> Section:
+    section = Section.from_findings([], details)
+    section.checked_at = checked_at or datetime.now(UTC)
+    section.duration_ms = 12.5
+    return section
+
+
+def failing_section(
+    code: str = "EDB01",
+    message: str = "connection refused by 127.0.0.1:5432",
+    checked_at: datetime | None = None,
+    severity: Severity = Severity.ERROR,
+) -> Section:
+    section = Section.from_findings([Finding(code, message, severity)], {"reachable": False})
+    section.checked_at = checked_at or datetime.now(UTC)
+    return section
+
+
+def make_settings(db_path: Path, **changes: Any) -> Settings:
+    return Settings(name="coder-test", store=StoreLocation("sqlite", path=str(db_path)), **changes)
+
+
+@dataclass
+class Api:
+    """One app behind a real local server, and the SQLite file behind both."""
+
+    app: ApiApp
+    server: LocalApiServer
+    store: SQLiteStore | None
+    metrics: io.StringIO
+    session: requests.Session
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        response = self.session.request(method, self.server.url + path, timeout=60, **kwargs)
+        SEEN.append((response.status_code, response.text))
+        return response
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("PUT", path, **kwargs)
+
+    def invoke(self, event: dict[str, Any]) -> dict[str, Any]:
+        response = self.app(copy.deepcopy(event), None)
+        assert valid_proxy_response(response), response
+        body = response["body"]
+        if response.get("isBase64Encoded"):
+            body = base64.b64decode(body).decode()
+        SEEN.append((response["statusCode"], body))
+        return response
+
+    def seed(self, name: str, section: Section) -> None:
+        assert self.store is not None
+        self.store.put(name, section)
+
+    def ready_records(self) -> list[int]:
+        records = [json.loads(line) for line in self.metrics.getvalue().splitlines()]
+        return [emf_value(r["Ready"]) for r in records if "Ready" in r]
+
+
+ApiFactory = Callable[..., Api]
+
+
+def emf_value(value: Any) -> int:
+    """One metric value of an EMF record (Powertools writes a list of values)."""
+    return int(value[0] if isinstance(value, list) else value)
+
+
+@pytest.fixture
+def make_api(tmp_path: Path) -> Iterator[ApiFactory]:
+    """Start an API over a store file: `make_api(**settings_changes)`."""
+    started: list[Api] = []
+
+    def make(db_path: Path | None = None, **changes: Any) -> Api:
+        path = db_path or tmp_path / "results.db"
+        settings = make_settings(path, **changes)
+        store = None
+        if db_path is None:
+            # A second handle on the same file: tests seed through it as a family would.
+            store = SQLiteStore(str(path), settings.name, settings.history_retention_days)
+        metrics = io.StringIO()
+        sink = MetricsSink(settings.metrics_namespace, settings.name, metrics)
+        app = create_app(ApiContext(settings, metrics=sink))
+        server = LocalApiServer(app, "127.0.0.1", 0).start()
+        api = Api(app, server, store, metrics, requests.Session())
+        started.append(api)
+        return api
+
+    yield make
+    for api in started:
+        api.session.close()
+        api.server.close()
+        api.app.close()
+        if api.store is not None:
+            api.store.close()
+
+
+@pytest.fixture
+def api(make_api: ApiFactory) -> Api:
+    return make_api()
+
+
+@pytest.fixture
+def unreadable_db(tmp_path: Path) -> Path:
+    """A SQLite path that cannot be opened for real: its directory is a regular file."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("in the way\n")
+    return blocker / "results.db"
+
+
+class _Coder(http.server.BaseHTTPRequestHandler):
+    """Just enough of a Coder deployment for the access_url family: GET /healthz is OK."""
+
+    def do_GET(self) -> None:
+        body = b"OK" if self.path == "/healthz" else b"not found"
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def coder_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Coder)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def http_event(
+    path: str,
+    method: str = "GET",
+    query: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    body: str | None = None,
+    base64_body: bool = False,
+) -> dict[str, Any]:
+    raw_query = "&".join(f"{k}={v}" for k, v in (query or {}).items())
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": raw_query,
+        "headers": {"host": "api.example.com", **(headers or {})},
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "api",
+            "domainName": "api.example.com",
+            "domainPrefix": "api",
+            "http": {
+                "method": method,
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "203.0.113.1",
+                "userAgent": "test",
+            },
+            "requestId": "req",
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "15/Jan/2025:12:00:00 +0000",
+            "timeEpoch": 1736942400000,
+        },
+        "isBase64Encoded": base64_body,
+    }
+    if query:
+        event["queryStringParameters"] = query
+    if body is not None:
+        event["body"] = base64.b64encode(body.encode()).decode() if base64_body else body
+    return event
+
+
+def alb_event(
+    path: str,
+    method: str = "GET",
+    query: dict[str, list[str]] | None = None,
+    headers: dict[str, str] | None = None,
+    multi_value: bool = True,
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "requestContext": {"elb": {"targetGroupArn": "arn:aws:elasticloadbalancing:::tg/x"}},
+        "httpMethod": method,
+        "path": path,
+        "body": "",
+        "isBase64Encoded": False,
+    }
+    all_headers = {"host": "alb.example.com", **(headers or {})}
+    if multi_value:
+        event["multiValueQueryStringParameters"] = query or {}
+        event["multiValueHeaders"] = {k: [v] for k, v in all_headers.items()}
+    else:
+        event["queryStringParameters"] = {k: v[-1] for k, v in (query or {}).items()}
+        event["headers"] = all_headers
+    return event
+
+
+def load_event(name: str) -> dict[str, Any]:
+    return json.loads((EVENTS / name).read_text())
+
+
+def wait_for_events(names: list[str]) -> None:
+    missing = [n for n in names if not (EVENTS / n).is_file()]
+    if missing:
+        pytest.skip(f"sample events not written yet: {', '.join(missing)}")
+
+
+# --- /healthz --------------------------------------------------------------------------------
+
+
+def test_healthz_answers_ok_even_when_the_store_is_unreadable(
+    make_api: ApiFactory, unreadable_db: Path
+) -> None:
+    api = make_api(db_path=unreadable_db)
+    response = api.get("/healthz")
+    assert response.status_code == 200
+    assert response.text == "OK"
+    assert response.headers["Content-Type"].startswith("text/plain")
+
+
+# --- /readyz -------------------------------------------------------------------------------
+
+
+def test_readyz_is_ok_when_every_gating_section_passes(api: Api) -> None:
+    api.seed("access_url", ok_section())
+    api.seed("database", ok_section())
+    response = api.get("/readyz")
+    assert response.status_code == 200
+    assert response.text == "ok"
+    assert api.ready_records() == [1]
+
+
+def test_readyz_fails_with_no_store_cache_when_the_database_section_errs(api: Api) -> None:
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section("EDB01"))
+    response = api.get("/readyz")
+    assert response.status_code == 503
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "[-]database failed: EDB01" in response.text
+    assert response.text.endswith("readyz check failed\n")
+    assert api.ready_records() == [0]
+
+
+def test_readyz_verbose_lists_every_check_and_exclusions(api: Api) -> None:
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section("EDB01"))
+
+    verbose = api.get("/readyz?verbose")
+    assert verbose.status_code == 503
+    lines = verbose.text.splitlines()
+    assert "[+]access_url ok" in lines
+    assert "[-]database failed: EDB01" in lines
+
+    excluded = api.get("/readyz?verbose&exclude=database")
+    assert excluded.status_code == 200
+    assert excluded.text.splitlines() == [
+        "[+]access_url ok",
+        "[+]database excluded: ok",
+        "readyz check passed",
+    ]
+    # A caller's exclusions answer a different question than the deployment's readiness.
+    assert api.ready_records() == [0]
+
+
+@pytest.mark.parametrize(
+    "query", ["exclude=database&exclude=access_url", "exclude=database,access_url"]
+)
+def test_readyz_exclude_accepts_repeats_and_comma_lists(api: Api, query: str) -> None:
+    response = api.get(f"/readyz?verbose&{query}")
+    assert response.status_code == 200
+    assert "[+]database excluded: ok" in response.text
+    assert "[+]access_url excluded: ok" in response.text
+
+
+def test_readyz_without_results_is_not_ready(api: Api) -> None:
+    response = api.get("/readyz?verbose")
+    assert response.status_code == 503
+    assert "[-]access_url failed: no result yet" in response.text
+    assert "[-]database failed: no result yet" in response.text
+
+
+def test_readyz_stale_result_is_not_ready(api: Api) -> None:
+    old = datetime.now(UTC) - timedelta(hours=1)
+    api.seed("access_url", ok_section(checked_at=old))
+    api.seed("database", ok_section())
+    response = api.get("/readyz?verbose")
+    assert response.status_code == 503
+    assert "[-]access_url failed: stale" in response.text
+    assert "[+]database ok" in response.text
+
+
+def test_readyz_json_by_accept_header_or_format(api: Api) -> None:
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section("EDB01"))
+    for response in (
+        api.get("/readyz", headers={"Accept": "application/json"}),
+        api.get("/readyz?format=json"),
+    ):
+        assert response.status_code == 503
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.headers["Cache-Control"] == "no-store"
+        body = response.json()
+        assert body["ready"] is False
+        checks = {c["name"]: c for c in body["checks"]}
+        assert checks["access_url"]["status"] == "ok"
+        assert checks["database"] == {
+            "name": "database",
+            "status": "failed",
+            "reason": "EDB01",
+            "codes": ["EDB01"],
+        }
+    assert api.get("/readyz?format=yaml").status_code == 400
+
+
+def test_readyz_single_section(api: Api) -> None:
+    api.seed("database", ok_section())
+    assert api.get("/readyz/database").status_code == 200
+    assert api.get("/readyz/database").text == "ok"
+    # Coder's CamelCase spelling names the same section.
+    assert api.get("/readyz/Database").status_code == 200
+
+    api.seed("database", failing_section("EDB01"))
+    failed = api.get("/readyz/database?verbose")
+    assert failed.status_code == 503
+    assert failed.headers["Cache-Control"] == "no-store"
+    assert failed.text.splitlines()[0] == "[-]database failed: EDB01"
+
+    # Any known section, gating or not.
+    proxy = api.get("/readyz/workspace_proxy?verbose")
+    assert proxy.status_code == 503
+    assert "[-]workspace_proxy failed: no result yet" in proxy.text
+    # One section's probe is not the deployment's readiness: no Ready metric.
+    assert api.ready_records() == []
+
+
+def test_readyz_unknown_section_is_404_and_unknown_exclude_is_400(api: Api) -> None:
+    missing = api.get("/readyz/nope")
+    assert missing.status_code == 404
+    assert "nope" in missing.json()["message"]
+
+    bad = api.get("/readyz?exclude=database&exclude=nope")
+    assert bad.status_code == 400
+    assert set(bad.json()) == {"message", "detail"}
+    assert "'nope'" in bad.json()["message"]
+
+
+def test_readyz_applies_hysteresis_from_history(api: Api, make_api: ApiFactory) -> None:
+    api.seed("access_url", ok_section())
+    now = datetime.now(UTC)
+    api.seed("database", ok_section(checked_at=now - timedelta(seconds=30)))
+    api.seed("database", failing_section("EDB01", checked_at=now))
+    held = make_api(ready_fail_after=2)
+    # One failure out of the two needed: still ready.
+    assert held.get("/readyz").status_code == 200
+    assert api.get("/readyz").status_code == 503
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", "dynamodb"])
+def test_unreadable_store_is_503_naming_the_store(
+    tmp_path: Path, unreadable_db: Path, monkeypatch: pytest.MonkeyPatch, store_kind: str
+) -> None:
+    if store_kind == "sqlite":
+        location = StoreLocation("sqlite", path=str(unreadable_db))
+        named = str(unreadable_db)
+    else:
+        # A DynamoDB endpoint on loopback where nothing listens.
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
+            monkeypatch.setenv(name, value)
+        endpoint = f"http://127.0.0.1:{free_port()}"
+        location = StoreLocation("dynamodb", table="health", endpoint_url=endpoint)
+        named = "dynamodb://health"
+    settings = Settings(name="coder-test", store=location)
+    metrics = io.StringIO()
+    app = create_app(
+        ApiContext(settings, metrics=MetricsSink("DeployHealth", settings.name, metrics))
+    )
+    with LocalApiServer(app, "127.0.0.1", 0).start() as server:
+        api = Api(app, server, None, metrics, requests.Session())
+        assert api.get("/healthz").status_code == 200
+
+        text = api.get("/readyz")
+        assert text.status_code == 503
+        assert text.headers["Cache-Control"] == "no-store"
+        assert named in text.text
+
+        as_json = api.get("/readyz?format=json")
+        assert as_json.status_code == 503
+        assert named in as_json.json()["message"]
+        assert as_json.json()["ready"] is False
+        assert api.ready_records() == [0, 0]
+
+        assert api.get("/readyz/database").status_code == 503
+
+        for path in (
+            "/api/v2/debug/health",
+            "/api/v2/debug/health/settings",
+            "/api/v2/debug/health/history?section=database",
+            "/health",
+        ):
+            response = api.get(path)
+            assert response.status_code == 503, path
+            body = response.json()
+            assert set(body) == {"message", "detail"}
+            assert named in body["message"]
+        api.session.close()
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def seed_all_sections(api: Api) -> None:
+    for name in SECTION_NAMES:
+        if name == "database":
+            api.seed(name, failing_section("EDB01"))
+        elif name == "entitlements":
+            api.seed(name, ok_section(coder_version="v2.99.0"))
+        else:
+            api.seed(name, ok_section())
+
+
+def test_report_has_coder_shape_and_dismissed_after_settings_put(api: Api) -> None:
+    seed_all_sections(api)
+    report = api.get("/api/v2/debug/health").json()
+    assert report["healthy"] is False
+    assert report["severity"] == "error"
+    assert report["deployment"] == "coder-test"
+    assert report["coder_version"] == "v2.99.0"
+    assert datetime.fromisoformat(report["time"].replace("Z", "+00:00"))
+    for name in SECTION_NAMES:
+        section = report[name]
+        assert {"severity", "warnings", "dismissed", "checked_at", "duration_ms"} <= set(section)
+        assert section["dismissed"] is False
+        assert section["warnings"] == []
+    assert report["database"]["error"].startswith("EDB01: ")
+
+    put = api.put(
+        "/api/v2/debug/health/settings", json={"dismissed_healthchecks": ["Database", "DERP"]}
+    )
+    assert put.status_code == 200
+    assert put.json() == {"dismissed_healthchecks": ["Database", "DERP"]}
+
+    after = api.get("/api/v2/debug/health").json()
+    assert after["database"]["dismissed"] is True
+    assert after["derp"]["dismissed"] is True
+    assert after["access_url"]["dismissed"] is False
+    # Dismissal only hides: the report is still unhealthy.
+    assert after["healthy"] is False
+    # ...but a dismissed section no longer gates readiness.
+    assert api.get("/readyz").status_code == 200
+
+
+def test_report_of_present_sections_only_and_no_coder_version_when_unknown(api: Api) -> None:
+    api.seed("access_url", ok_section())
+    report = api.get("/api/v2/debug/health").json()
+    assert "access_url" in report
+    assert not set(SECTION_NAMES[1:]) & set(report)
+    assert "coder_version" not in report
+    assert report["healthy"] is True
+
+
+def test_report_text_form_and_bad_format(api: Api) -> None:
+    seed_all_sections(api)
+    text = api.get("/api/v2/debug/health?format=text")
+    assert text.status_code == 200
+    assert text.headers["Content-Type"].startswith("text/plain")
+    lines = text.text.splitlines()
+    assert lines[0].startswith("time: ")
+    assert lines[1] == "healthy: false"
+    assert "database: false" in lines
+    assert "access_url: true" in lines
+
+    assert api.get("/api/v2/debug/health?format=json").status_code == 200
+    bogus = api.get("/api/v2/debug/health?format=bogus")
+    assert bogus.status_code == 400
+    assert bogus.json()["message"] == 'Invalid format option "bogus".'
+    assert api.get("/api/v2/debug/health?force=maybe").status_code == 400
+
+
+def test_report_force_runs_every_family_now_and_stores_it(
+    api: Api, make_api: ApiFactory, coder_url: str
+) -> None:
+    forced = make_api(access_url=coder_url)
+    before = datetime.now(UTC)
+    response = forced.get("/api/v2/debug/health?force=true")
+    assert response.status_code == 200
+    report = response.json()
+    assert report["access_url"]["severity"] == "ok"
+    assert report["access_url"]["status_code"] == 200
+    assert report["access_url"]["healthz_response"] == "OK"
+    assert report["database"]["severity"] == "error"
+    assert report["database"]["error"].startswith("EDB01")
+    assert report["healthy"] is False
+
+    # Stored: the family results are the latest and in the history.
+    assert api.store is not None
+    latest = api.store.latest()
+    assert set(latest) == {"access_url", "database"}
+    assert all(s.checked_at >= before for s in latest.values())
+    history = api.get("/api/v2/debug/health/history?section=access_url").json()
+    assert len(history["results"]) == 1
+    assert history["results"][0]["severity"] == "ok"
+    # And readiness now judges them.
+    assert "[-]database failed: EDB01" in forced.get("/readyz").text
+
+
+# --- history -------------------------------------------------------------------------------
+
+
+def test_history_newest_first_with_limit_and_since(api: Api) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    for minutes in (30, 20, 10):
+        api.seed("database", failing_section(checked_at=now - timedelta(minutes=minutes)))
+    body = api.get("/api/v2/debug/health/history?section=Database&limit=2").json()
+    assert body["section"] == "database"
+    stamps = [r["checked_at"] for r in body["results"]]
+    assert stamps == [rfc3339(now - timedelta(minutes=10)), rfc3339(now - timedelta(minutes=20))]
+
+    since = now - timedelta(minutes=25)
+    for query in (
+        {"section": "database", "since": rfc3339(since)},
+        {"section": "database", "since": since.isoformat()},  # +00:00, encoded by requests
+    ):
+        assert len(api.get("/api/v2/debug/health/history", params=query).json()["results"]) == 2
+    # An unencoded `+` arrives as a space; it still means the offset.
+    raw = since.isoformat()
+    assert (
+        len(api.get(f"/api/v2/debug/health/history?section=database&since={raw}").json()["results"])
+        == 2
+    )
+    assert api.get("/api/v2/debug/health/history?section=derp").json() == {
+        "section": "derp",
+        "results": [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("", "section"),
+        ("section=nope", "nope"),
+        ("section=database&limit=abc", "limit"),
+        ("section=database&limit=0", "limit"),
+        ("section=database&limit=5000", "limit"),
+        ("section=database&limit=-1", "limit"),
+        ("section=database&since=yesterday", "since"),
+        ("section=database&since=2024-01-01", "since"),
+        ("section=database&since=2024-13-45T99:00:00Z", "since"),
+    ],
+)
+def test_history_rejects_bad_parameters(api: Api, query: str, needle: str) -> None:
+    response = api.get(f"/api/v2/debug/health/history?{query}")
+    assert response.status_code == 400
+    body = response.json()
+    assert set(body) == {"message", "detail"}
+    assert needle in body["message"]
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def test_settings_get_put_unchanged_and_errors(api: Api) -> None:
+    url = "/api/v2/debug/health/settings"
+    assert api.get(url).json() == {"dismissed_healthchecks": []}
+    # Unchanged (nothing dismissed, nothing asked): 204, no body.
+    unchanged = api.put(url, json={"dismissed_healthchecks": []})
+    assert unchanged.status_code == 204
+    assert unchanged.text == ""
+
+    changed = api.put(url, json={"dismissed_healthchecks": ["workspace_proxy", "DERP"]})
+    assert changed.status_code == 200
+    assert changed.json() == {"dismissed_healthchecks": ["DERP", "WorkspaceProxy"]}
+    assert api.get(url).json() == {"dismissed_healthchecks": ["DERP", "WorkspaceProxy"]}
+    # The same set in another order and spelling is unchanged.
+    again = api.put(url, json={"dismissed_healthchecks": ["WorkspaceProxy", "derp"]})
+    assert again.status_code == 204
+
+    for body, needle in (
+        ("{not json", "JSON"),
+        ("[]", "object"),
+        ('{"dismissed_healthchecks": "DERP"}', "list"),
+        ('{"dismissed_healthchecks": [1]}', "list"),
+        ("{}", "required"),
+        ('{"dismissed_healthchecks": [], "extra": 1}', "extra"),
+        ('{"dismissed_healthchecks": ["DERP", "Nope"]}', "Nope"),
+    ):
+        response = api.put(url, data=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, body
+        assert needle in response.json()["message"], body
+    binary = api.put(url, data=b"\xff\xfe{}", headers={"Content-Type": "application/json"})
+    assert binary.status_code == 400
+    assert api.get(url).json() == {"dismissed_healthchecks": ["DERP", "WorkspaceProxy"]}
+
+
+def test_settings_fall_back_to_configured_dismissed_sections(make_api: ApiFactory) -> None:
+    api = make_api(dismissed_sections=("database",))
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section())
+    assert api.get("/api/v2/debug/health/settings").json() == {
+        "dismissed_healthchecks": ["Database"]
+    }
+    assert api.get("/readyz").status_code == 200
+    assert api.get("/api/v2/debug/health").json()["database"]["dismissed"] is True
+    # Asking for the dismissed section by name still judges it.
+    assert api.get("/readyz/database").status_code == 503
+
+
+def test_request_body_is_capped(api: Api) -> None:
+    response = api.put(
+        "/api/v2/debug/health/settings",
+        data=b"x" * (MAX_BODY_BYTES + 1),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 413
+
+
+# --- access --------------------------------------------------------------------------------
+
+
+def test_bearer_token_guards_report_history_settings_and_page(make_api: ApiFactory) -> None:
+    api = make_api(api_token=Secret(TOKEN))
+    api.seed("access_url", ok_section())
+    api.seed("database", ok_section())
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    for path in (
+        "/api/v2/debug/health",
+        "/api/v2/debug/health/history?section=database",
+        "/api/v2/debug/health/settings",
+        "/health",
+    ):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": TOKEN},
+        ):
+            denied = api.get(path, headers=headers)
+            assert denied.status_code == 401, (path, headers)
+            assert set(denied.json()) == {"message", "detail"}
+            assert denied.headers["WWW-Authenticate"].startswith("Bearer")
+        assert api.get(path, headers=good).status_code == 200, path
+    denied_put = api.put("/api/v2/debug/health/settings", json={"dismissed_healthchecks": []})
+    assert denied_put.status_code == 401
+    # Probes carry no credentials.
+    assert api.get("/healthz").status_code == 200
+    assert api.get("/readyz").status_code == 200
+    assert api.get("/readyz/database").status_code == 200
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_unknown_routes_and_methods_are_404_json(api: Api) -> None:
+    for method, path in (
+        ("GET", "/nope"),
+        ("GET", "/api/v2/debug/health/nope"),
+        ("POST", "/healthz"),
+        ("DELETE", "/api/v2/debug/health/settings"),
+    ):
+        response = api.request(method, path)
+        assert response.status_code == 404, path
+        assert response.headers["Content-Type"] == "application/json"
+        body = response.json()
+        assert set(body) == {"message", "detail"}
+        assert path in body["detail"]
+
+
+class _BrokenStore(SQLiteStore):
+    """A store whose settings hold a section name no version of deployhealth wrote."""
+
+    def dismissed(self) -> tuple[str, ...] | None:
+        return ("not_a_section",)
+
+
+def test_unexpected_error_is_500_json_without_traceback(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "results.db")
+    store = _BrokenStore(str(tmp_path / "results.db"), settings.name, 7.0)
+    app = create_app(ApiContext(settings, store=store))
+    with LocalApiServer(app, "127.0.0.1", 0).start() as server:
+        api = Api(app, server, store, io.StringIO(), requests.Session())
+        response = api.get("/api/v2/debug/health/settings")
+        api.session.close()
+    store.close()
+    assert response.status_code == 500
+    body = response.json()
+    assert body == {"message": "Internal error.", "detail": "KeyError: 'not_a_section'"}
+    assert "Traceback" not in response.text
+
+
+def test_invalid_settings_still_answer(tmp_path: Path) -> None:
+    error = SettingsError("DEPLOYHEALTH_STORE", "is neither sqlite:///path nor dynamodb://table")
+    app = create_app(ApiContext(settings_error=error))
+    with LocalApiServer(app, "127.0.0.1", 0).start() as server:
+        api = Api(app, server, None, io.StringIO(), requests.Session())
+        assert api.get("/healthz").text == "OK"
+        ready = api.get("/readyz")
+        assert ready.status_code == 503
+        assert "DEPLOYHEALTH_STORE" in ready.text
+        report = api.get("/api/v2/debug/health")
+        assert report.status_code == 500
+        assert "DEPLOYHEALTH_STORE" in report.json()["detail"]
+        api.session.close()
+
+
+def test_concurrent_requests_get_their_own_answers(api: Api) -> None:
+    """The local server resolves requests on many threads; none may see another's event."""
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section("EDB01"))
+    expected = {
+        "/healthz": (200, "OK"),
+        "/readyz/access_url": (200, "ok"),
+        "/readyz/database": (503, "[-]database failed: EDB01\nreadyz check failed\n"),
+        "/readyz/nope": (404, None),
+        "/api/v2/debug/health?format=text": (200, None),
+    }
+    failures: list[str] = []
+
+    def worker(offset: int) -> None:
+        paths = list(expected)
+        with requests.Session() as session:
+            for i in range(60):
+                path = paths[(offset + i) % len(paths)]
+                response = session.get(api.server.url + path, timeout=30)
+                SEEN.append((response.status_code, response.text))
+                status, body = expected[path]
+                if response.status_code != status or (body is not None and response.text != body):
+                    failures.append(f"{path}: {response.status_code} {response.text!r}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    # Switch threads as often as possible so that an unguarded shared request state (stock
+    # Powertools keeps the event in a class attribute) shows up here instead of in production.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+
+
+# --- the HTML page -------------------------------------------------------------------------
+
+
+def test_html_page_escapes_and_links_codes(make_api: ApiFactory) -> None:
+    api = make_api()
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section("EDB01", "refused <script>alert('x')</script> & more"))
+    api.seed("database", failing_section("EDB01", checked_at=datetime.now(UTC) - timedelta(1)))
+    page = api.get("/health")
+    assert page.status_code == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    text = page.text
+    assert "<script" not in text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in text
+    assert 'href="docs/codes.md#edb01"' in text
+    assert "<h1>coder-test</h1>" in text
+    assert "Recent history" in text
+    assert text.count('class="sev error" title=') == 2  # both past database results
+    # No external assets.
+    assert "http://" not in text and "https://" not in text and "src=" not in text
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+def test_planted_secrets_appear_in_no_response(make_api: ApiFactory) -> None:
+    database_url = f"postgresql://coder:{DB_PASSWORD}@127.0.0.1:{free_port()}/coder"
+    api = make_api(api_token=Secret(TOKEN), database_url=Secret(database_url))
+    # A family that leaked the password into its message must still not leak it here.
+    api.seed("database", failing_section("EDB01", f"auth failed for {database_url}"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    responses = [
+        api.get("/healthz"),
+        api.get("/readyz?verbose"),
+        api.get("/readyz?format=json"),
+        api.get("/readyz/database?verbose"),
+        api.get("/api/v2/debug/health", headers=auth),
+        api.get("/api/v2/debug/health?format=text", headers=auth),
+        api.get("/api/v2/debug/health?force=true", headers=auth),
+        api.get("/api/v2/debug/health/history?section=database", headers=auth),
+        api.get("/api/v2/debug/health/settings", headers=auth),
+        api.put("/api/v2/debug/health/settings", headers=auth, data="{bad"),
+        api.get("/health", headers=auth),
+        api.get("/api/v2/debug/health"),
+        api.get(f"/nope/{TOKEN}"),
+    ]
+    assert responses[6].status_code == 200
+    for response in responses:
+        assert TOKEN not in response.text, response.url
+        assert DB_PASSWORD not in response.text, response.url
+        for value in response.headers.values():
+            assert TOKEN not in value and DB_PASSWORD not in value
+
+
+# --- Lambda events ---------------------------------------------------------------------------
+
+
+SAMPLE_EVENTS = [
+    "http-healthz.json",
+    "http-readyz-verbose.json",
+    "http-readyz-section.json",
+    "http-health-report.json",
+    "http-settings-put.json",
+    "http-unknown-route.json",
+    "alb-healthz.json",
+    "alb-readyz.json",
+    "alb-readyz-exclude.json",
+]
+
+
+def test_sample_events_from_the_events_directory(api: Api) -> None:
+    wait_for_events(SAMPLE_EVENTS)
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section("EDB01"))
+
+    healthz = api.invoke(load_event("http-healthz.json"))
+    assert (healthz["statusCode"], healthz["body"]) == (200, "OK")
+    assert "statusDescription" not in healthz
+
+    verbose = api.invoke(load_event("http-readyz-verbose.json"))
+    assert verbose["statusCode"] == 503
+    assert verbose["headers"]["Cache-Control"] == "no-store"
+    assert "[+]access_url ok" in verbose["body"]
+    assert "[-]database failed: EDB01" in verbose["body"]
+
+    section = api.invoke(load_event("http-readyz-section.json"))
+    assert section["statusCode"] == 503
+
+    report = api.invoke(load_event("http-health-report.json"))
+    assert report["statusCode"] == 200
+    assert json.loads(report["body"])["database"]["severity"] == "error"
+
+    put = api.invoke(load_event("http-settings-put.json"))
+    assert put["statusCode"] == 200
+    assert json.loads(put["body"]) == {"dismissed_healthchecks": ["Database"]}
+    assert api.invoke(load_event("http-settings-put.json"))["statusCode"] == 204
+    assert api.invoke(load_event("http-readyz-verbose.json"))["statusCode"] == 200
+
+    unknown = api.invoke(load_event("http-unknown-route.json"))
+    assert unknown["statusCode"] == 404
+    assert set(json.loads(unknown["body"])) == {"message", "detail"}
+
+    alb_healthz = api.invoke(load_event("alb-healthz.json"))
+    assert alb_healthz["statusCode"] == 200
+    assert alb_healthz["statusDescription"] == "200 OK"
+    assert alb_healthz["body"] == "OK"
+    assert "cookies" not in alb_healthz
+
+    alb_ready = api.invoke(load_event("alb-readyz.json"))
+    assert alb_ready["statusCode"] == 200  # database is dismissed now
+    assert alb_ready["statusDescription"] == "200 OK"
+    assert alb_ready["headers"]["Content-Type"].startswith("text/plain")
+
+    # ALB with multi-value headers on answers with multi-value headers.
+    alb_exclude = api.invoke(load_event("alb-readyz-exclude.json"))
+    assert alb_exclude["statusCode"] == 200
+    assert alb_exclude["multiValueHeaders"]["Cache-Control"] == ["no-store"]
+    assert "headers" not in alb_exclude
+
+
+def test_every_sample_event_gets_a_valid_answer(api: Api) -> None:
+    names = sorted(p.name for p in EVENTS.glob("*.json") if p.name.startswith(("http-", "alb-")))
+    if not names:
+        pytest.skip("no sample events yet")
+    for name in names:
+        event = load_event(name)
+        response = api.invoke(event)
+        assert response["statusCode"] != 502, name
+        if name.startswith("alb-"):
+            assert response["statusDescription"].startswith(str(response["statusCode"]))
+
+
+def test_alb_events_query_forms_and_encoding(api: Api) -> None:
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section())
+    repeated = api.invoke(
+        alb_event("/readyz", query={"exclude": ["database", "access_url"], "verbose": [""]})
+    )
+    assert repeated["statusCode"] == 200
+    assert "[+]database excluded: ok" in repeated["body"]
+    assert repeated["statusDescription"] == "200 OK"
+    assert repeated["multiValueHeaders"]["Content-Type"] == ["text/plain; charset=utf-8"]
+
+    single = api.invoke(alb_event("/readyz", query={"verbose": [""]}, multi_value=False))
+    assert single["statusCode"] == 503
+    assert single["statusDescription"] == "503 Service Unavailable"
+    assert single["headers"]["Cache-Control"] == "no-store"
+
+    # ALB does not decode the query: deployhealth does.
+    since = "2020-01-01T00%3A00%3A00%2B00%3A00"
+    history = api.invoke(
+        alb_event("/api/v2/debug/health/history", query={"section": ["database"], "since": [since]})
+    )
+    assert history["statusCode"] == 200
+    assert len(json.loads(history["body"])["results"]) == 1
+
+    json_ready = api.invoke(alb_event("/readyz", headers={"accept": "application/json"}))
+    assert json.loads(json_ready["body"])["ready"] is False
+
+    missing = api.invoke(alb_event("/nope"))
+    assert missing["statusCode"] == 404
+    assert missing["statusDescription"] == "404 Not Found"
+
+
+def test_http_api_events_comma_joined_query_and_base64_body(api: Api) -> None:
+    joined = api.invoke(
+        http_event("/readyz", query={"exclude": "database,access_url", "verbose": ""})
+    )
+    assert joined["statusCode"] == 200
+    assert "[+]access_url excluded: ok" in joined["body"]
+
+    put = api.invoke(
+        http_event(
+            "/api/v2/debug/health/settings",
+            method="PUT",
+            headers={"content-type": "application/json"},
+            body='{"dismissed_healthchecks": ["DERP"]}',
+            base64_body=True,
+        )
+    )
+    assert put["statusCode"] == 200
+    assert json.loads(put["body"]) == {"dismissed_healthchecks": ["DERP"]}
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {},
+        {"requestContext": {"elb": {}}},
+        {"version": "2.0", "rawPath": "/healthz"},
+        ["not", "an", "object"],
+        None,
+    ],
+)
+def test_malformed_events_get_a_500_not_a_crash(api: Api, event: Any) -> None:
+    response = api.app(event, None)
+    SEEN.append((response["statusCode"], response["body"]))
+    assert valid_proxy_response(response)
+    assert response["statusCode"] == 500
+    assert set(json.loads(response["body"])) == {"message", "detail"}
+    if isinstance(event, dict) and "elb" in event.get("requestContext", {}):
+        assert response["statusDescription"] == "500 Internal Server Error"
+
+
+# --- the Lambda entry points -----------------------------------------------------------------
+
+
+@dataclass
+class FakeLambdaContext:
+    function_name: str = "deployhealth-access-url"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:x"
+    aws_request_id: str = "req-1"
+
+
+@pytest.fixture
+def lambda_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clean DEPLOYHEALTH_* environment, run from an empty directory (no TOML file)."""
+    for name in list(os.environ):
+        if name.startswith("DEPLOYHEALTH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "lambda.db"
+    monkeypatch.setenv("DEPLOYHEALTH_NAME", "coder-lambda")
+    monkeypatch.setenv("DEPLOYHEALTH_STORE", f"sqlite:///{db}")
+    return db
+
+
+def test_check_handler_runs_stores_and_summarises(
+    lambda_env: Path,
+    coder_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from deployhealth.aws import check_handler
+
+    monkeypatch.setenv("DEPLOYHEALTH_ACCESS_URL", coder_url)
+    handler = check_handler("access_url")
+    summary = handler(
+        load_event("schedule.json") if (EVENTS / "schedule.json").is_file() else {},
+        FakeLambdaContext(),
+    )
+    assert summary == {"section": "access_url", "severity": "ok", "codes": []}
+    store = SQLiteStore(str(lambda_env), "coder-lambda", 7.0)
+    assert store.latest()["access_url"].details["status_code"] == 200
+    store.close()
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any("SectionSeverity" in r and r.get("Section") == "access_url" for r in records)
+    assert any(
+        r.get("message") == "check finished" and r.get("section") == "access_url" for r in records
+    )
+
+
+def test_check_handler_fails_loudly(
+    lambda_env: Path, unreadable_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployhealth.aws import check_handler
+
+    with pytest.raises(ValueError, match="no check family"):
+        check_handler("nope")
+
+    monkeypatch.setenv("DEPLOYHEALTH_STORE", f"sqlite:///{unreadable_db}")
+    with pytest.raises(StoreUnavailable, match="not-a-directory"):
+        check_handler("database")({}, FakeLambdaContext())
+
+    monkeypatch.setenv("DEPLOYHEALTH_STORE", "ftp://nowhere")
+    with pytest.raises(SettingsError, match="DEPLOYHEALTH_STORE"):
+        check_handler("database")({}, FakeLambdaContext())
+
+
+_COLD_START_SCRIPT = """
+import json, sys
+from deployhealth.aws import api_handler
+for path in sys.argv[1:]:
+    with open(path) as fh:
+        response = api_handler(json.load(fh), None)
+    sys.stderr.write(json.dumps(response) + "\\n")
+"""
+
+
+def cold_start(env: dict[str, str], cwd: Path, *events: str) -> tuple[list[dict[str, Any]], str]:
+    """Run `api_handler` in a fresh interpreter: its responses, and its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", _COLD_START_SCRIPT, *(str(EVENTS / e) for e in events)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    responses = [json.loads(line) for line in result.stderr.splitlines()[-len(events) :]]
+    for response in responses:
+        assert valid_proxy_response(response)
+        SEEN.append((response["statusCode"], response["body"]))
+    return responses, result.stdout
+
+
+def test_api_handler_in_a_fresh_process(lambda_env: Path, tmp_path: Path) -> None:
+    """`deployhealth.aws.api_handler` as Lambda runs it: a cold process, events as JSON."""
+    wait_for_events(["http-healthz.json", "alb-readyz.json"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHEALTH_")}
+    env.update(DEPLOYHEALTH_NAME="coder-lambda", DEPLOYHEALTH_STORE=f"sqlite:///{lambda_env}")
+    (healthz, ready), stdout = cold_start(env, tmp_path, "http-healthz.json", "alb-readyz.json")
+    assert (healthz["statusCode"], healthz["body"]) == (200, "OK")
+    assert ready["statusCode"] == 503
+    assert ready["statusDescription"] == "503 Service Unavailable"
+    # The Ready metric went to stdout as EMF.
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    ready_records = [r for r in records if "Ready" in r]
+    assert [emf_value(r["Ready"]) for r in ready_records] == [0]
+    assert ready_records[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "DeployHealth"
+
+    # Invalid settings: still an answer, never a crash (which the ALB would turn into 502).
+    env["DEPLOYHEALTH_STORE"] = "ftp://nowhere"
+    (healthz, ready), _ = cold_start(env, tmp_path, "http-healthz.json", "alb-readyz.json")
+    assert healthz["statusCode"] == 200
+    assert ready["statusCode"] == 503
+    assert "DEPLOYHEALTH_STORE" in ready["body"]
+
+
+def test_no_response_in_this_module_was_502() -> None:
+    assert SEEN, "the tests above made requests"
+    assert all(status != 502 for status, _ in SEEN)
