@@ -96,6 +96,12 @@ def parse_rfc3339(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
 
 
+# The keys every section emits itself; `details` cannot override them.
+_OWN_KEYS = frozenset(
+    {"healthy", "severity", "warnings", "error", "dismissed", "checked_at", "duration_ms"}
+)
+
+
 @dataclass
 class Section:
     """The result of one family run.
@@ -164,7 +170,9 @@ class Section:
         if self.errors:
             out["error"] = self.error
         out["dismissed"] = self.dismissed
-        out.update(self.details)
+        # A family detail named like one of the section's own keys (entitlements reports
+        # Coder's `warnings` strings) must not replace it: readers rely on these shapes.
+        out.update({k: v for k, v in self.details.items() if k not in _OWN_KEYS})
         out["checked_at"] = rfc3339(self.checked_at)
         out["duration_ms"] = round(self.duration_ms, 3)
         return out
@@ -173,7 +181,8 @@ class Section:
         """The stored form: the report form without `dismissed`, plus the structured errors."""
         out = self.to_dict()
         out.pop("dismissed", None)
-        out["errors"] = [
+        # Not "errors": entitlements has a detail of that name (Coder's entitlement errors).
+        out["error_findings"] = [
             {"code": e.code, "message": e.message} for e in self.errors
         ]
         # Warnings keep their own severity so message-only codes survive a round trip.
@@ -192,7 +201,8 @@ class Section:
             for w, s in zip(warnings_raw, severities, strict=True)
         ]
         errors = [
-            Finding(e["code"], e["message"], Severity.ERROR) for e in data.pop("errors", []) or []
+            Finding(e["code"], e["message"], Severity.ERROR)
+            for e in data.pop("error_findings", []) or []
         ]
         data.pop("error", None)
         data.pop("dismissed", None)
@@ -257,7 +267,9 @@ class Report:
         does not print follow in report order. A section without a `healthy` key
         (provisioner_daemons) is healthy when it is below error.
         """
-        lines = [f"time: {rfc3339(self.time)}", f"healthy: {_go_bool(self.healthy)}"]
+        # Go's time.RFC3339, as Coder formats it: whole seconds.
+        when = self.time.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        lines = [f"time: {when}", f"healthy: {_go_bool(self.healthy)}"]
         order = ["derp", "access_url", "websocket", "database"]
         order += [n for n in SECTION_NAMES if n not in order]
         for name in order:

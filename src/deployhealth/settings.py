@@ -122,7 +122,9 @@ class DatabaseTarget:
             # A secret may also hold a plain URL.
             if text.strip().startswith(("postgres://", "postgresql://")):
                 return cls.from_url(text, key)
-            raise SettingsError(key, "secret is neither JSON nor a postgresql:// URL", example) from None
+            raise SettingsError(
+                key, "secret is neither JSON nor a postgresql:// URL", example
+            ) from None
         if not isinstance(data, dict):
             raise SettingsError(key, "secret is not a JSON object", example)
         missing = [k for k in ("host", "username", "password") if not data.get(k)]
@@ -468,7 +470,10 @@ def load_settings(
     deadlines: dict[str, float] = {}
     for suffix, (where, value) in raw.items():
         if suffix in _DEADLINE_KEYS:
-            deadlines[_DEADLINE_KEYS[suffix]] = _DEADLINE_PARSER(where, value)
+            try:
+                deadlines[_DEADLINE_KEYS[suffix]] = _DEADLINE_PARSER(where, value)
+            except SettingsError as exc:
+                raise SettingsError(where, exc.problem, f"{_example_key(where)}=10") from None
             continue
         spec = _SPECS[suffix]
         try:
@@ -477,7 +482,10 @@ def load_settings(
             # The example is added here so that every parser stays one line of logic;
             # a secret's value is never repeated in the problem text.
             problem = exc.problem if not spec.secret else "is invalid"
-            raise SettingsError(where, problem, f"{_example_key(where)}={spec.example}") from None
+            # A parser's own example fits its problem better (dynamodb://health for a
+            # table-less dynamodb URL, not the generic sqlite one).
+            example = exc.example if exc.example and not spec.secret else spec.example
+            raise SettingsError(where, problem, f"{_example_key(where)}={example}") from None
     if deadlines:
         values["deadlines"] = deadlines
     settings = Settings(**values)

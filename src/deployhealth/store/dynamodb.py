@@ -1,0 +1,277 @@
+"""The DynamoDB store: one table shared by every deployment and section.
+
+Single-table design (keys `pk` S, `sk` S; TTL attribute `expires_at`, epoch seconds):
+
+- latest section:     pk `<deployment>#latest`, sk `<section>`;
+- history entry:      pk `<deployment>#history#<section>`,
+                      sk `<checked_at RFC 3339 with microseconds>#<random>`, `expires_at` set;
+- dismissed sections: pk `<deployment>#settings`, sk `dismissed`.
+
+All latest sections of a deployment share one partition, so `latest()` is one Query. History
+sort keys are fixed-width UTC timestamps, so they order by time and `since` is a key condition.
+The section body is a JSON string rather than a DynamoDB map: DynamoDB has no floats (boto3
+would hand back Decimals) and a string round-trips every nested value exactly.
+
+boto3 is imported here and nowhere else on the API's path: the API function's cold start
+should not pay for it unless the store really is DynamoDB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from deployhealth.model import Section, rfc3339
+from deployhealth.store import StoreUnavailable
+
+# Short timeouts and one retry: the API answers readiness probes from this store, and a
+# probe that hangs on a dead endpoint is worse than a prompt "store unavailable" (503).
+_CONFIG = Config(
+    connect_timeout=2,
+    read_timeout=3,
+    retries={"total_max_attempts": 2, "mode": "standard"},
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DISMISSED = "dismissed"
+
+
+class DynamoDBStore:
+    def __init__(
+        self,
+        table: str,
+        deployment: str,
+        retention_days: float,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+    ) -> None:
+        self.description = f"dynamodb://{table}"
+        self._table = table
+        self._deployment = deployment
+        self._retention = timedelta(days=retention_days)
+        self._latest_pk = f"{deployment}#latest"
+        self._settings_pk = f"{deployment}#settings"
+        with self._translate():
+            # A session of our own: boto3's default session is not safe to create clients
+            # from in several threads, and the scheduler and the server both open stores.
+            session = boto3.session.Session()
+            self._client: Any = session.client(
+                "dynamodb", region_name=region, endpoint_url=endpoint_url, config=_CONFIG
+            )
+
+    # --- the ResultStore protocol ---------------------------------------------------
+
+    def put(self, name: str, section: Section) -> None:
+        body = json.dumps(section.to_stored())
+        checked_at = _epoch_decimal(section.checked_at)
+        expires_at = math.ceil(
+            (section.checked_at.astimezone(UTC) + self._retention - _EPOCH).total_seconds()
+        )
+        # The random suffix keeps two results checked in the same microsecond apart.
+        sk = f"{rfc3339(section.checked_at)}#{secrets.token_hex(4)}"
+        with self._translate():
+            self._client.put_item(
+                TableName=self._table,
+                Item={
+                    "pk": {"S": self._history_pk(name)},
+                    "sk": {"S": sk},
+                    "body": {"S": body},
+                    "checked_at": {"N": checked_at},
+                    "expires_at": {"N": str(expires_at)},
+                },
+            )
+            try:
+                self._client.put_item(
+                    TableName=self._table,
+                    Item={
+                        "pk": {"S": self._latest_pk},
+                        "sk": {"S": name},
+                        "body": {"S": body},
+                        "checked_at": {"N": checked_at},
+                    },
+                    ConditionExpression="attribute_not_exists(pk) OR checked_at < :new",
+                    ExpressionAttributeValues={":new": {"N": checked_at}},
+                )
+            except ClientError as exc:
+                # A newer result is already latest: this late one only joins history.
+                if _error_code(exc) != "ConditionalCheckFailedException":
+                    raise
+
+    def latest(self) -> dict[str, Section]:
+        out: dict[str, Section] = {}
+        with self._translate():
+            for item in self._query(
+                KeyConditionExpression="pk = :pk",
+                ExpressionAttributeValues={":pk": {"S": self._latest_pk}},
+                ConsistentRead=True,
+            ):
+                out[item["sk"]["S"]] = _section(item)
+        return out
+
+    def history(
+        self, name: str, *, limit: int = 50, since: datetime | None = None
+    ) -> list[Section]:
+        if limit <= 0:
+            return []
+        now = datetime.now(UTC)
+        # The retention window bounds the key range, so expired items that TTL has not yet
+        # deleted (it may take days) are not even read; the expires_at filter also hides
+        # items written under a shorter retention than this reader's.
+        floor = now - self._retention
+        if since is not None and since > floor:
+            floor = since
+        out: list[Section] = []
+        with self._translate():
+            for item in self._query(
+                KeyConditionExpression="pk = :pk AND sk >= :floor",
+                FilterExpression="expires_at > :now",
+                ExpressionAttributeValues={
+                    ":pk": {"S": self._history_pk(name)},
+                    ":floor": {"S": rfc3339(floor)},
+                    ":now": {"N": _epoch_decimal(now)},
+                },
+                ScanIndexForward=False,
+                # Limit counts items read before the filter; _query pages on when some were
+                # filtered out, and we stop as soon as we have enough.
+                Limit=limit,
+            ):
+                out.append(_section(item))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def dismissed(self) -> tuple[str, ...] | None:
+        with self._translate():
+            response = self._client.get_item(
+                TableName=self._table,
+                Key={"pk": {"S": self._settings_pk}, "sk": {"S": _DISMISSED}},
+                ConsistentRead=True,
+            )
+        item = response.get("Item")
+        if item is None:
+            return None
+        return tuple(json.loads(item["value"]["S"]))
+
+    def set_dismissed(self, sections: Sequence[str]) -> bool:
+        value = json.dumps(list(sections))
+        with self._translate():
+            try:
+                # Compare and put in one conditional write, so two concurrent PUTs of the
+                # same value cannot both report a change.
+                self._client.put_item(
+                    TableName=self._table,
+                    Item={
+                        "pk": {"S": self._settings_pk},
+                        "sk": {"S": _DISMISSED},
+                        "value": {"S": value},
+                    },
+                    ConditionExpression="attribute_not_exists(pk) OR #v <> :v",
+                    ExpressionAttributeNames={"#v": "value"},
+                    ExpressionAttributeValues={":v": {"S": value}},
+                )
+            except ClientError as exc:
+                if _error_code(exc) == "ConditionalCheckFailedException":
+                    return False
+                raise
+        return True
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- for tests, the demo and the bench --------------------------------------------
+
+    def create_table(self) -> None:
+        """Create the table as template.yaml does (on-demand, TTL on `expires_at`).
+
+        Idempotent, for local endpoints; in AWS the template owns the table.
+        """
+        with self._translate():
+            try:
+                self._client.create_table(
+                    TableName=self._table,
+                    AttributeDefinitions=[
+                        {"AttributeName": "pk", "AttributeType": "S"},
+                        {"AttributeName": "sk", "AttributeType": "S"},
+                    ],
+                    KeySchema=[
+                        {"AttributeName": "pk", "KeyType": "HASH"},
+                        {"AttributeName": "sk", "KeyType": "RANGE"},
+                    ],
+                    BillingMode="PAY_PER_REQUEST",
+                )
+            except ClientError as exc:
+                if _error_code(exc) != "ResourceInUseException":
+                    raise
+            self._client.get_waiter("table_exists").wait(
+                TableName=self._table, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
+            )
+            ttl = self._client.describe_time_to_live(TableName=self._table)
+            if ttl["TimeToLiveDescription"]["TimeToLiveStatus"] not in ("ENABLED", "ENABLING"):
+                self._client.update_time_to_live(
+                    TableName=self._table,
+                    TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
+                )
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _history_pk(self, name: str) -> str:
+        return f"{self._deployment}#history#{name}"
+
+    def _query(self, **request: Any) -> Iterator[dict[str, Any]]:
+        """Items of a Query, following LastEvaluatedKey (one request at normal sizes)."""
+        while True:
+            response = self._client.query(TableName=self._table, **request)
+            yield from response.get("Items", [])
+            last = response.get("LastEvaluatedKey")
+            if not last:
+                return
+            request["ExclusiveStartKey"] = last
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        """Turn every boto3/botocore failure into StoreUnavailable with a short reason.
+
+        Neither botocore's exception texts nor ours carry credentials; the traceback is
+        dropped so that nothing of the request (signed headers included) can be printed.
+        """
+        try:
+            yield
+        except ClientError as exc:
+            raise StoreUnavailable(self.description, self._client_reason(exc)) from None
+        except BotoCoreError as exc:
+            raise StoreUnavailable(self.description, f"{type(exc).__name__}: {exc}") from None
+
+    def _client_reason(self, exc: ClientError) -> str:
+        code = _error_code(exc)
+        if code == "ResourceNotFoundException":
+            return f"table {self._table!r} does not exist"
+        # Authorization messages quote role ARNs, account ids and canonical requests; the
+        # code says enough, and the reason may end up on a public /readyz.
+        if any(word in code for word in ("AccessDenied", "Unrecognized", "Token", "Signature")):
+            return f"{code}: check the function's credentials and IAM policy"
+        message = str(exc.response.get("Error", {}).get("Message", ""))[:200]
+        return f"{code}: {message}" if message else code
+
+
+def _section(item: dict[str, Any]) -> Section:
+    return Section.from_stored(json.loads(item["body"]["S"]))
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "ClientError"))
+
+
+def _epoch_decimal(moment: datetime) -> str:
+    """Epoch seconds with exact microseconds, as DynamoDB's N text (no float rounding)."""
+    micros = (moment.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
+    return format(Decimal(micros).scaleb(-6), "f")

@@ -1,0 +1,435 @@
+"""One contract for both result stores (SQLite and DynamoDB), then each backend's failures.
+
+The DynamoDB store talks over HTTP to moto's server on loopback (the `dynamodb_endpoint`
+fixture), exactly as it talks to AWS.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import boto3
+import pytest
+
+from deployhealth.model import SECTION_NAMES, Finding, Section, Severity
+from deployhealth.settings import load_settings
+from deployhealth.store import ResultStore, StoreUnavailable, open_store
+from deployhealth.store.dynamodb import DynamoDBStore
+from deployhealth.store.sqlite import SQLiteStore
+
+
+def recent(seconds_ago: float = 0.0) -> datetime:
+    """A moment inside any retention window the tests use, microseconds included."""
+    return datetime.now(UTC) - timedelta(seconds=seconds_ago)
+
+
+def section(checked_at: datetime, severity: Severity = Severity.OK, **details: object) -> Section:
+    return Section(severity=severity, checked_at=checked_at, details=dict(details))
+
+
+# --- the contract, run against both backends -------------------------------------------
+
+
+def test_empty_store(store: ResultStore) -> None:
+    assert store.latest() == {}
+    assert store.history("database") == []
+    assert store.dismissed() is None
+
+
+def test_put_then_latest_keeps_every_field(store: ResultStore) -> None:
+    checked = recent(1).replace(microsecond=654321)
+    original = Section(
+        severity=Severity.WARNING,
+        warnings=[
+            Finding("EDB02", "median latency 20ms >= 15ms"),
+            Finding("ESTUN02", "mapping varies by destination", Severity.OK),
+        ],
+        errors=[Finding("EDB01", "authentication failed", Severity.ERROR)],
+        healthy=False,
+        details={
+            "latency": "20.123ms",
+            "latency_ms": 20,
+            "threshold_ms": 15.5,
+            "regions": {"999": {"node_reports": [{"round_trip_ping_ms": 0.1 + 0.2}]}},
+            "timings": [1.5, 2.25, None, True],
+            "unicode": "café ✓",
+        },
+        checked_at=checked,
+        duration_ms=12.345,
+    )
+    store.put("database", original)
+
+    got = store.latest()["database"]
+
+    assert got == original
+    assert got.checked_at == checked  # to the microsecond
+    assert got.details["regions"]["999"]["node_reports"][0]["round_trip_ping_ms"] == 0.1 + 0.2
+    assert got.warnings[1].severity is Severity.OK
+    assert got.error == "EDB01: authentication failed"
+    assert got.duration_ms == 12.345
+
+
+def test_section_without_healthy_key_stays_without_it(store: ResultStore) -> None:
+    original = Section(
+        severity=Severity.OK, healthy=None, checked_at=recent(), details={"items": []}
+    )
+    store.put("provisioner_daemons", original)
+
+    got = store.latest()["provisioner_daemons"]
+
+    assert got.healthy is None
+    assert "healthy" not in got.to_dict()
+    assert got == original
+
+
+def test_latest_returns_every_section_at_once(store: ResultStore) -> None:
+    names = ["access_url", "database", "websocket", "derp", "entitlements"]
+    for i, name in enumerate(names):
+        store.put(name, section(recent(10 - i), Severity.OK, index=i))
+
+    latest = store.latest()
+
+    assert sorted(latest) == sorted(names)
+    assert [latest[n].details["index"] for n in names] == list(range(len(names)))
+
+
+def test_latest_moves_forward_only(store: ResultStore) -> None:
+    newer = section(recent(10), Severity.ERROR, which="newer")
+    older = section(recent(20), Severity.OK, which="older")
+    newest = section(recent(1), Severity.WARNING, which="newest")
+
+    store.put("database", newer)
+    store.put("database", older)  # arrives late: joins history only
+    assert store.latest()["database"].details["which"] == "newer"
+
+    store.put("database", newest)
+    assert store.latest()["database"].details["which"] == "newest"
+    assert [s.details["which"] for s in store.history("database")] == [
+        "newest",
+        "newer",
+        "older",
+    ]
+
+
+def test_history_newest_first_with_limit_and_since(store: ResultStore) -> None:
+    times = [recent(100 - 10 * i) for i in range(6)]
+    for i in (3, 0, 5, 1, 4, 2):  # out of order on purpose
+        store.put("derp", section(times[i], index=i))
+    store.put("database", section(recent(), index=99))
+
+    assert [s.details["index"] for s in store.history("derp")] == [5, 4, 3, 2, 1, 0]
+    assert [s.details["index"] for s in store.history("derp", limit=2)] == [5, 4]
+    # `since` is inclusive: a result checked exactly then is included.
+    assert [s.details["index"] for s in store.history("derp", since=times[3])] == [5, 4, 3]
+    assert [s.details["index"] for s in store.history("derp", limit=2, since=times[1])] == [5, 4]
+    assert store.history("derp", since=recent(-60)) == []
+    assert store.history("websocket") == []
+
+
+def test_history_forgets_results_older_than_the_retention(
+    store_factory: Callable[..., ResultStore],
+) -> None:
+    # 0.001 days is 86.4 s: results from an hour ago are past it, one from now is not.
+    store = store_factory(retention_days=0.001)
+    for minutes in (90, 60, 45):
+        store.put("database", section(recent(minutes * 60), age=minutes))
+    store.put("database", section(recent(1), age=0))
+
+    assert [s.details["age"] for s in store.history("database")] == [0]
+    assert [s.details["age"] for s in store.history("database", since=recent(7200))] == [0]
+    # Latest is not history: it stays whatever its age.
+    assert store.latest()["database"].details["age"] == 0
+
+
+def test_history_honours_the_writers_retention(
+    store_factory: Callable[..., ResultStore],
+) -> None:
+    # A reader with a longer retention must not resurrect what a writer let expire
+    # (DynamoDB's TTL deletes lazily, SQLite prunes at write time).
+    writer = store_factory(retention_days=0.001)
+    reader = store_factory(retention_days=7)
+    writer.put("database", section(recent(3600), age=60))
+    writer.put("database", section(recent(1), age=0))
+
+    assert [s.details["age"] for s in reader.history("database")] == [0]
+
+
+def test_dismissed_round_trip(store: ResultStore) -> None:
+    assert store.dismissed() is None
+    assert store.set_dismissed(["derp", "workspace_proxy"]) is True
+    assert store.dismissed() == ("derp", "workspace_proxy")
+    assert store.set_dismissed(["derp", "workspace_proxy"]) is False
+    assert store.set_dismissed(["workspace_proxy"]) is True
+    assert store.dismissed() == ("workspace_proxy",)
+    assert store.set_dismissed([]) is True
+    assert store.dismissed() == ()
+    assert store.set_dismissed([]) is False
+
+
+def test_deployments_sharing_storage_do_not_see_each_other(
+    store_factory: Callable[..., ResultStore],
+) -> None:
+    prod = store_factory(deployment="prod")
+    staging = store_factory(deployment="staging")
+
+    prod.put("database", section(recent(5), which="prod"))
+    staging.put("database", section(recent(10), which="staging"))
+    staging.put("derp", section(recent(10), which="staging"))
+    prod.set_dismissed(["derp"])
+
+    assert sorted(prod.latest()) == ["database"]
+    assert prod.latest()["database"].details["which"] == "prod"
+    assert staging.latest()["database"].details["which"] == "staging"
+    assert [s.details["which"] for s in prod.history("database")] == ["prod"]
+    assert [s.details["which"] for s in staging.history("database")] == ["staging"]
+    assert prod.history("derp") == []
+    assert prod.dismissed() == ("derp",)
+    assert staging.dismissed() is None
+
+
+def test_concurrent_puts_all_land_and_latest_is_newest(store: ResultStore) -> None:
+    threads_n, per_thread = 8, 5
+    base = recent(600)
+    # Thread t writes results t, t+8, t+16, ...: every thread races every other for latest.
+    moments = {
+        t: [base + timedelta(seconds=t + threads_n * k) for k in range(per_thread)]
+        for t in range(threads_n)
+    }
+    start = threading.Barrier(threads_n)
+    failures: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        try:
+            start.wait(timeout=10)
+            for moment in moments[t]:
+                store.put("websocket", section(moment, writer=t))
+        except BaseException as exc:
+            failures.append(exc)
+
+    workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads_n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=30)
+
+    assert not failures
+    everything = sorted(m for ms in moments.values() for m in ms)
+    history = store.history("websocket", limit=1000)
+    assert [s.checked_at for s in history] == everything[::-1]
+    assert store.latest()["websocket"].checked_at == everything[-1]
+
+
+# --- DynamoDB specifics -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def table_name() -> str:
+    return f"health-{uuid.uuid4().hex[:12]}"
+
+
+def store_operations(store: ResultStore) -> list[Callable[[], object]]:
+    return [
+        store.latest,
+        lambda: store.put("database", section(recent())),
+        lambda: store.history("database"),
+        store.dismissed,
+        lambda: store.set_dismissed(["derp"]),
+    ]
+
+
+def test_dynamodb_endpoint_down_is_store_unavailable_quickly(
+    dynamodb_endpoint: str, table_name: str
+) -> None:
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    store = DynamoDBStore(table_name, "coder", 7, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    for operation in [*store_operations(store), store.create_table]:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            operation()
+        assert time.monotonic() - started < 5
+        text = str(caught.value)
+        assert f"dynamodb://{table_name}" in text
+        assert secret not in text
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_dynamodb_endpoint_that_never_answers_cannot_hang(
+    dynamodb_endpoint: str, table_name: str
+) -> None:
+    # A listener that never accepts: the connection opens, the request is never answered.
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as silent:
+        port = silent.getsockname()[1]
+        store = DynamoDBStore(table_name, "coder", 7, endpoint_url=f"http://127.0.0.1:{port}")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=f"dynamodb://{table_name}"):
+            store.latest()
+        assert time.monotonic() - started < 15
+
+
+def test_dynamodb_missing_table_names_it(dynamodb_endpoint: str, table_name: str) -> None:
+    store = DynamoDBStore(table_name, "coder", 7, endpoint_url=dynamodb_endpoint)
+    for operation in store_operations(store):
+        with pytest.raises(StoreUnavailable, match=f"table '{table_name}' does not exist"):
+            operation()
+
+
+def test_dynamodb_without_credentials_is_store_unavailable(
+    dynamodb_endpoint: str, table_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    store = DynamoDBStore(table_name, "coder", 7, endpoint_url=dynamodb_endpoint)
+    with pytest.raises(StoreUnavailable, match="NoCredentialsError"):
+        store.latest()
+
+
+class CountingProxy:
+    """A loopback HTTP proxy in front of the endpoint that counts the requests it forwards."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.requests: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                proxy.requests.append(self.headers.get("X-Amz-Target", ""))
+                upstream = http.client.HTTPConnection(host, int(port), timeout=10)
+                try:
+                    upstream.request("POST", self.path, body, dict(self.headers.items()))
+                    answer = upstream.getresponse()
+                    payload = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> CountingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def counting_proxy(dynamodb_endpoint: str) -> Iterator[CountingProxy]:
+    with CountingProxy(dynamodb_endpoint) as proxy:
+        yield proxy
+
+
+def test_dynamodb_latest_is_one_request(counting_proxy: CountingProxy, table_name: str) -> None:
+    store = DynamoDBStore(table_name, "coder", 7, endpoint_url=counting_proxy.url)
+    store.create_table()
+    names = list(SECTION_NAMES)
+    for name in names:
+        store.put(name, section(recent(), padding="x" * 2000))
+    counting_proxy.requests.clear()
+
+    latest = store.latest()
+
+    assert sorted(latest) == sorted(names)
+    assert counting_proxy.requests == ["DynamoDB_20120810.Query"]
+
+
+def test_dynamodb_items_carry_ttl_and_table_has_it_enabled(
+    dynamodb_endpoint: str, table_name: str
+) -> None:
+    store = DynamoDBStore(table_name, "coder", 2, endpoint_url=dynamodb_endpoint)
+    store.create_table()
+    store.create_table()  # idempotent, for the demo and the bench
+    checked = datetime.now(UTC).replace(microsecond=250000)
+    store.put("database", section(checked))
+
+    raw = boto3.client("dynamodb", endpoint_url=dynamodb_endpoint)
+    ttl = raw.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
+    assert ttl == {"TimeToLiveStatus": "ENABLED", "AttributeName": "expires_at"}
+    described = raw.describe_table(TableName=table_name)["Table"]
+    assert described["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    assert {k["AttributeName"]: k["KeyType"] for k in described["KeySchema"]} == {
+        "pk": "HASH",
+        "sk": "RANGE",
+    }
+    items = raw.scan(TableName=table_name)["Items"]
+    by_pk = {item["pk"]["S"]: item for item in items}
+    assert set(by_pk) == {"coder#latest", "coder#history#database"}
+    history = by_pk["coder#history#database"]
+    assert history["sk"]["S"].startswith("2") and "#" in history["sk"]["S"]
+    expected_expiry = checked.timestamp() + 2 * 86400
+    assert int(history["expires_at"]["N"]) == pytest.approx(expected_expiry, abs=1)
+    assert "expires_at" not in by_pk["coder#latest"]  # latest never expires
+    assert by_pk["coder#latest"]["sk"]["S"] == "database"
+
+
+def test_open_store_reads_the_dynamodb_url(dynamodb_endpoint: str, table_name: str) -> None:
+    settings = load_settings(
+        {
+            "DEPLOYHEALTH_NAME": "prod",
+            "DEPLOYHEALTH_STORE": (
+                f"dynamodb://{table_name}?region=eu-west-1&endpoint_url={dynamodb_endpoint}"
+            ),
+        },
+        config_file=None,
+    )
+    store = open_store(settings.store, settings.name, settings.history_retention_days)
+    assert isinstance(store, DynamoDBStore)
+    assert store.description == f"dynamodb://{table_name}"
+    store.create_table()
+    store.put("access_url", section(recent()))
+    assert list(store.latest()) == ["access_url"]
+
+
+# --- SQLite specifics ---------------------------------------------------------------
+
+
+def test_sqlite_unopenable_path_is_store_unavailable(tmp_path: Path) -> None:
+    # A directory where the database file should be: unopenable even for root.
+    path = tmp_path / "results.db"
+    path.mkdir()
+    with pytest.raises(StoreUnavailable, match=f"sqlite:///{path}"):
+        SQLiteStore(str(path), "coder", 7)
+
+
+def test_sqlite_unwritable_path_is_store_unavailable() -> None:
+    # /proc accepts no new files, whoever we run as.
+    with pytest.raises(StoreUnavailable, match="sqlite:///"):
+        SQLiteStore("/proc/deployhealth-test.db", "coder", 7)
+
+
+def test_sqlite_path_under_a_file_is_store_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(StoreUnavailable, match="sqlite:///"):
+        SQLiteStore(str(blocker / "results.db"), "coder", 7)
