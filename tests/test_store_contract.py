@@ -175,6 +175,21 @@ def test_dismissed_round_trip(store: ResultStore) -> None:
     assert store.set_dismissed([]) is False
 
 
+def test_snapshot_holds_latest_and_dismissed_and_settings_are_not_sections(
+    store: ResultStore,
+) -> None:
+    empty = store.snapshot()
+    assert empty.latest == {} and empty.dismissed is None
+
+    store.put("database", section(recent(5), which="db"))
+    store.set_dismissed(["derp"])
+    snapshot = store.snapshot()
+    assert list(snapshot.latest) == ["database"]  # the settings item is not a section
+    assert snapshot.latest["database"].details["which"] == "db"
+    assert snapshot.dismissed == ("derp",)
+    assert store.latest().keys() == {"database"}
+
+
 def test_deployments_sharing_storage_do_not_see_each_other(
     store_factory: Callable[..., ResultStore],
 ) -> None:
@@ -356,11 +371,18 @@ def test_dynamodb_latest_is_one_request(counting_proxy: CountingProxy, table_nam
     names = list(SECTION_NAMES)
     for name in names:
         store.put(name, section(recent(), padding="x" * 2000))
+    store.set_dismissed(["derp"])
     counting_proxy.requests.clear()
 
     latest = store.latest()
-
     assert sorted(latest) == sorted(names)
+    assert counting_proxy.requests == ["DynamoDB_20120810.Query"]
+
+    # What /readyz reads, latest sections and dismissed settings, is one request too.
+    counting_proxy.requests.clear()
+    snapshot = store.snapshot()
+    assert sorted(snapshot.latest) == sorted(names)
+    assert snapshot.dismissed == ("derp",)
     assert counting_proxy.requests == ["DynamoDB_20120810.Query"]
 
 

@@ -47,7 +47,7 @@ from deployhealth.model import (
 from deployhealth.readiness import HYSTERESIS_WINDOW, Readiness, evaluate, gating_sections
 from deployhealth.redact import Redactor
 from deployhealth.settings import Settings, SettingsError, load_settings
-from deployhealth.store import ResultStore, StoreUnavailable, open_store
+from deployhealth.store import ResultStore, Snapshot, StoreUnavailable, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,8 @@ class ApiContext:
                 self._store = _GuardedStore(opened, self.describe)
             return self._store
 
-    def dismissed(self, store: ResultStore) -> tuple[str, ...]:
+    def dismissed(self, stored: tuple[str, ...] | None) -> tuple[str, ...]:
         """The dismissed sections: as set through the API, else as configured."""
-        stored = store.dismissed()
         return stored if stored is not None else self.settings.dismissed_sections
 
     def describe(self, exc: BaseException) -> str:
@@ -198,6 +197,9 @@ class _GuardedStore:
 
     def put(self, name: str, section: Section) -> None:
         self._call(self._store.put, name, section)
+
+    def snapshot(self) -> Snapshot:
+        return self._call(self._store.snapshot)
 
     def latest(self) -> dict[str, Section]:
         return self._call(self._store.latest)
@@ -628,8 +630,11 @@ def build_router(ctx: ApiContext) -> Router:
         try:
             settings = ctx.settings
             store = ctx.store()
-            latest = store.latest()
-            sections = [only] if only else gating_sections(settings, ctx.dismissed(store))
+            # One read: latest sections and dismissed settings come together.
+            snapshot = store.snapshot()
+            latest = snapshot.latest
+            dismissed = ctx.dismissed(snapshot.dismissed)
+            sections = [only] if only else gating_sections(settings, dismissed)
 
             def history(name: str) -> list[Section]:
                 return store.history(name, limit=HYSTERESIS_WINDOW)
@@ -673,7 +678,8 @@ def build_router(ctx: ApiContext) -> Router:
         if force:
             report = forced_report(settings, store)
         else:
-            report = build_report(settings, store.latest(), ctx.dismissed(store))
+            snapshot = store.snapshot()
+            report = build_report(settings, snapshot.latest, ctx.dismissed(snapshot.dismissed))
         if fmt == "text":
             return _text_response(200, report.to_text())
         return _json_response(200, report.to_dict())
@@ -683,7 +689,7 @@ def build_router(ctx: ApiContext) -> Router:
         from deployhealth.checks import FAMILIES
         from deployhealth.runner import run_and_record
 
-        dismissed = ctx.dismissed(store)
+        dismissed = ctx.dismissed(store.dismissed())
         fresh, store_errors = run_and_record(
             settings, FAMILIES, store, ctx.metrics, max_seconds=FORCE_MAX_SECONDS
         )
@@ -710,7 +716,7 @@ def build_router(ctx: ApiContext) -> Router:
         limit = _parse_limit(params)
         since = _parse_since(params)
         store = ctx.store()
-        dismissed = name in ctx.dismissed(store)
+        dismissed = name in ctx.dismissed(store.dismissed())
         results = store.history(name, limit=limit, since=since)
         for section in results:
             section.dismissed = dismissed
@@ -719,7 +725,7 @@ def build_router(ctx: ApiContext) -> Router:
     @router.get("/api/v2/debug/health/settings", middlewares=protected)
     def get_health_settings() -> Response[Any]:
         store = ctx.store()
-        return _json_response(200, settings_body(ctx.dismissed(store)))
+        return _json_response(200, settings_body(ctx.dismissed(store.dismissed())))
 
     @router.put("/api/v2/debug/health/settings", middlewares=protected)
     def put_health_settings() -> Response[Any]:
@@ -729,7 +735,7 @@ def build_router(ctx: ApiContext) -> Router:
             raise _bad_request("The request body is not UTF-8 text.") from None
         wanted = parse_settings_body(body)
         store = ctx.store()
-        if set(wanted) == set(ctx.dismissed(store)):
+        if set(wanted) == set(ctx.dismissed(store.dismissed())):
             # product.md: unchanged is 204 (Coder itself answers 304 Not Modified).
             return Response(status_code=204, body="")
         store.set_dismissed(wanted)
@@ -741,7 +747,8 @@ def build_router(ctx: ApiContext) -> Router:
     def health_page() -> Response[str]:
         settings = ctx.settings
         store = ctx.store()
-        report = build_report(settings, store.latest(), ctx.dismissed(store))
+        snapshot = store.snapshot()
+        report = build_report(settings, snapshot.latest, ctx.dismissed(snapshot.dismissed))
         expected = list(dict.fromkeys([*settings.gating_sections, *report.sections]))
         history = {
             name: store.history(name, limit=HTML_HISTORY_LIMIT)

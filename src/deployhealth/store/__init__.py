@@ -4,7 +4,8 @@ Two backends behind one interface: SQLite (embedded, local runs) and DynamoDB (L
 Both keep the same promises, checked by one contract suite (tests/test_store_contract.py):
 
 - `put` never moves "latest" backwards: an older result arriving late only joins history;
-- `latest` reads every section in one request;
+- `snapshot` reads every latest section and the dismissed settings in one request, which is
+  all `/readyz` needs;
 - history is bounded by a retention (DynamoDB TTL, pruning in SQLite);
 - any backend failure surfaces as `StoreUnavailable`, naming the store and never a secret.
 """
@@ -12,6 +13,7 @@ Both keep the same promises, checked by one contract suite (tests/test_store_con
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -28,8 +30,19 @@ class StoreUnavailable(RuntimeError):
         self.problem = problem
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything readiness and the report read: latest sections and the dismissed ones."""
+
+    latest: dict[str, Section]
+    dismissed: tuple[str, ...] | None  # None: never set through the settings API
+
+
 class ResultStore(Protocol):
     description: str
+
+    def snapshot(self) -> Snapshot:
+        """The latest section of every family and the dismissed sections, in one request."""
 
     def put(self, name: str, section: Section) -> None:
         """Add `section` to the history of `name`, and make it latest unless a newer one is."""

@@ -5,9 +5,10 @@ Single-table design (keys `pk` S, `sk` S; TTL attribute `expires_at`, epoch seco
 - latest section:     pk `<deployment>#latest`, sk `<section>`;
 - history entry:      pk `<deployment>#history#<section>`,
                       sk `<checked_at RFC 3339 with microseconds>#<random>`, `expires_at` set;
-- dismissed sections: pk `<deployment>#settings`, sk `dismissed`.
+- dismissed sections: pk `<deployment>#latest`, sk `#settings#dismissed`.
 
-All latest sections of a deployment share one partition, so `latest()` is one Query. History
+All latest sections of a deployment and its settings share one partition, so `snapshot()`,
+all that readiness reads, is one Query. (Section names never start with `#`.) History
 sort keys are fixed-width UTC timestamps, so they order by time and `since` is a key condition.
 The section body is a JSON string rather than a DynamoDB map: DynamoDB has no floats (boto3
 would hand back Decimals) and a string round-trips every nested value exactly.
@@ -32,7 +33,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from deployhealth.model import Section, rfc3339
-from deployhealth.store import StoreUnavailable
+from deployhealth.store import Snapshot, StoreUnavailable
 
 # Short timeouts and one retry: the API answers readiness probes from this store, and a
 # probe that hangs on a dead endpoint is worse than a prompt "store unavailable" (503).
@@ -42,7 +43,7 @@ _CONFIG = Config(
     retries={"total_max_attempts": 2, "mode": "standard"},
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_DISMISSED = "dismissed"
+_DISMISSED_SK = "#settings#dismissed"
 
 
 class DynamoDBStore:
@@ -60,7 +61,6 @@ class DynamoDBStore:
         self._deployment = deployment
         self._retention = timedelta(days=retention_days)
         self._latest_pk = f"{deployment}#latest"
-        self._settings_pk = f"{deployment}#settings"
         with self._translate():
             # A session of our own: boto3's default session is not safe to create clients
             # from in several threads, and the scheduler and the server both open stores.
@@ -107,16 +107,24 @@ class DynamoDBStore:
                 if _error_code(exc) != "ConditionalCheckFailedException":
                     raise
 
-    def latest(self) -> dict[str, Section]:
-        out: dict[str, Section] = {}
+    def snapshot(self) -> Snapshot:
+        latest: dict[str, Section] = {}
+        dismissed: tuple[str, ...] | None = None
         with self._translate():
             for item in self._query(
                 KeyConditionExpression="pk = :pk",
                 ExpressionAttributeValues={":pk": {"S": self._latest_pk}},
                 ConsistentRead=True,
             ):
-                out[item["sk"]["S"]] = _section(item)
-        return out
+                sk = item["sk"]["S"]
+                if sk == _DISMISSED_SK:
+                    dismissed = tuple(json.loads(item["value"]["S"]))
+                elif not sk.startswith("#"):
+                    latest[sk] = _section(item)
+        return Snapshot(latest, dismissed)
+
+    def latest(self) -> dict[str, Section]:
+        return self.snapshot().latest
 
     def history(
         self, name: str, *, limit: int = 50, since: datetime | None = None
@@ -154,7 +162,7 @@ class DynamoDBStore:
         with self._translate():
             response = self._client.get_item(
                 TableName=self._table,
-                Key={"pk": {"S": self._settings_pk}, "sk": {"S": _DISMISSED}},
+                Key={"pk": {"S": self._latest_pk}, "sk": {"S": _DISMISSED_SK}},
                 ConsistentRead=True,
             )
         item = response.get("Item")
@@ -171,8 +179,8 @@ class DynamoDBStore:
                 self._client.put_item(
                     TableName=self._table,
                     Item={
-                        "pk": {"S": self._settings_pk},
-                        "sk": {"S": _DISMISSED},
+                        "pk": {"S": self._latest_pk},
+                        "sk": {"S": _DISMISSED_SK},
                         "value": {"S": value},
                     },
                     ConditionExpression="attribute_not_exists(pk) OR #v <> :v",

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from deployhealth.model import Section
-from deployhealth.store import StoreUnavailable
+from deployhealth.store import Snapshot, StoreUnavailable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS latest (
@@ -76,12 +76,21 @@ class SQLiteStore:
             )
             self._db.commit()
 
-    def latest(self) -> dict[str, Section]:
+    def snapshot(self) -> Snapshot:
+        # Two statements in one transaction: the same view of the file for both.
         with self._guard():
             rows = self._db.execute(
                 "SELECT section, body FROM latest WHERE deployment = ?", (self._deployment,)
             ).fetchall()
-        return {name: Section.from_stored(json.loads(body)) for name, body in rows}
+            setting = self._db.execute(
+                "SELECT value FROM settings WHERE deployment = ? AND key = 'dismissed'",
+                (self._deployment,),
+            ).fetchone()
+        latest = {name: Section.from_stored(json.loads(body)) for name, body in rows}
+        return Snapshot(latest, None if setting is None else tuple(json.loads(setting[0])))
+
+    def latest(self) -> dict[str, Section]:
+        return self.snapshot().latest
 
     def history(
         self, name: str, *, limit: int = 50, since: datetime | None = None
