@@ -94,7 +94,12 @@ class DatabaseTarget:
         try:
             port = parts.port or 5432
         except ValueError:
-            raise SettingsError(key, "has a port that is not a number", example) from None
+            raise SettingsError(
+                key,
+                "has a port that is not a number (characters such as @ : / # ? in the "
+                "password must be percent-encoded)",
+                example,
+            ) from None
         socket_dir = query.get("host", "")
         if not parts.hostname and not socket_dir:
             raise SettingsError(key, "has no host", example)
@@ -265,8 +270,11 @@ def fetch_secret(reference: str, key: str) -> str:
         else:
             value = parameters.get_secret(reference, max_age=300)
     except Exception as exc:
+        # AWS's message says what went wrong (not found, access denied); it cannot hold the
+        # secret's value, which was not read.
+        reason = " ".join(str(exc).split())[:300]
         raise SettingsError(
-            key, f"could not read secret {reference!r}: {type(exc).__name__}"
+            key, f"could not read secret {reference!r}: {type(exc).__name__}: {reason}"
         ) from None
     if isinstance(value, bytes):
         value = value.decode()
@@ -291,6 +299,14 @@ def _optional_text(key: str, raw: Any) -> str | None:
 def _secret(key: str, raw: Any) -> Secret | None:
     value = _text(key, raw)
     return Secret(value) if value else None
+
+
+def _database_url(key: str, raw: Any) -> Secret | None:
+    secret = _secret(key, raw)
+    if secret is not None:
+        # Parsed now only to fail fast; DatabaseTarget's messages never repeat the password.
+        DatabaseTarget.from_url(secret.reveal(), key)
+    return secret
 
 
 def _number(minimum: float, maximum: float | None = None) -> Parser:
@@ -412,7 +428,7 @@ _SPECS: dict[str, _Spec] = {
     "CODER_TOKEN": _Spec("coder_token", _secret, "<a Coder session token>", secret=True),
     "CODER_TOKEN_SECRET": _Spec("coder_token_secret", _optional_text, "coder/health-token"),
     "DATABASE_URL": _Spec(
-        "database_url", _secret, "postgresql://coder:PASSWORD@db:5432/coder", secret=True
+        "database_url", _database_url, "postgresql://coder:PASSWORD@db:5432/coder", secret=True
     ),
     "DATABASE_SECRET": _Spec("database_secret", _optional_text, "arn:aws:secretsmanager:..."),
     "DB_LATENCY_THRESHOLD_MS": _Spec("db_latency_threshold_ms", _number(0.001), "15"),
@@ -479,9 +495,9 @@ def load_settings(
         try:
             values[spec.attribute] = spec.parse(where, value)
         except SettingsError as exc:
-            # The example is added here so that every parser stays one line of logic;
-            # a secret's value is never repeated in the problem text.
-            problem = exc.problem if not spec.secret else "is invalid"
+            # The example is added here so that every parser stays one line of logic.
+            # Parsers of secret settings never repeat the value in their problem text.
+            problem = exc.problem
             # A parser's own example fits its problem better (dynamodb://health for a
             # table-less dynamodb URL, not the generic sqlite one).
             example = exc.example if exc.example and not spec.secret else spec.example

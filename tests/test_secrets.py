@@ -1,0 +1,81 @@
+"""Secret references read through Powertools Parameters, from Secrets Manager and SSM served by
+moto on loopback (over HTTP, through boto3), as the Lambda functions read them in AWS."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from aws_lambda_powertools.utilities import parameters
+from aws_lambda_powertools.utilities.parameters import base as parameters_base
+
+from deployhealth.deadline import Deadline
+from deployhealth.runner import run_family
+from deployhealth.settings import SettingsError, load_settings
+
+
+@pytest.fixture
+def aws(dynamodb_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The moto server (it serves every service) as the endpoint of every AWS client."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dynamodb_endpoint)
+    # Powertools keeps one provider (and its boto3 client) per process: start from fresh ones
+    # so they pick up this endpoint, and from an empty value cache.
+    parameters_base.DEFAULT_PROVIDERS.clear()
+    parameters.clear_caches()
+    yield dynamodb_endpoint
+    parameters_base.DEFAULT_PROVIDERS.clear()
+    parameters.clear_caches()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_database_from_an_rds_style_secret_in_secrets_manager(aws, local_postgres):
+    name = unique("coder/db")
+    boto3.client("secretsmanager", endpoint_url=aws).create_secret(
+        Name=name,
+        SecretString=json.dumps(
+            {
+                "host": local_postgres.host,
+                "port": local_postgres.port,
+                "username": local_postgres.user,
+                "password": local_postgres.password,
+                "dbname": local_postgres.database,
+                "sslmode": "disable",
+            }
+        ),
+    )
+    settings = load_settings(
+        {"DEPLOYHEALTH_DATABASE_SECRET": name, "DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS": "1000"}
+    )
+    section = run_family("database", settings, Deadline.after(10))
+    assert section.severity.value == "ok", section.to_dict()
+    assert section.details["reachable"] is True
+    assert local_postgres.password not in json.dumps(section.to_dict())
+
+
+def test_token_from_an_ssm_secure_string(aws):
+    name = f"/{unique('deployhealth')}/coder-token"
+    boto3.client("ssm", endpoint_url=aws).put_parameter(
+        Name=name, Value="tok-from-ssm-4471", Type="SecureString"
+    )
+    settings = load_settings({"DEPLOYHEALTH_CODER_TOKEN_SECRET": name})
+    assert settings.token() == "tok-from-ssm-4471"
+    assert "tok-from-ssm-4471" not in repr(settings)
+
+
+def test_a_missing_secret_is_a_clear_edb01_naming_the_setting(aws):
+    settings = load_settings({"DEPLOYHEALTH_DATABASE_SECRET": unique("missing/secret")})
+    with pytest.raises(SettingsError) as caught:
+        settings.database()
+    assert caught.value.key == "DEPLOYHEALTH_DATABASE_SECRET"
+    assert "could not read secret" in str(caught.value)
+
+    section = run_family("database", settings, Deadline.after(10))
+    assert section.severity.value == "error"
+    assert section.error is not None and section.error.startswith("EDB01")
+    assert "DEPLOYHEALTH_DATABASE_SECRET" in section.error
