@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import http.server
+import io
 import ipaddress
 import json
 import socket
@@ -340,6 +341,12 @@ def test_certificate_expiring_soon_is_eacs06_warning(
     assert data["status_code"] == 200 and data["healthy"] is True
     left = parse_rfc3339(data["tls_not_after"]) - dt.datetime.now(dt.UTC)
     assert dt.timedelta(days=4) < left <= dt.timedelta(days=5)
+
+    # The dashboard's TlsCertDaysLeft metric says the same.
+    stream = io.StringIO()
+    MetricsSink("DeployHealth", "coder", stream).section("access_url", section)
+    (days_left,) = json.loads(stream.getvalue())["TlsCertDaysLeft"]
+    assert 4 < days_left <= 5
 
 
 def test_expiry_window_is_configurable(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from deployhealth.checks import FAMILIES, get_probe
+from deployhealth.checks import FAMILIES, Probe, get_probe
 from deployhealth.deadline import Deadline
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import Finding, Section, Severity, utcnow
@@ -30,6 +30,16 @@ def run_family(family: str, settings: Settings, deadline: Deadline | None = None
     """Run one family and return its section; never raises, never outlives the deadline."""
     if deadline is None:
         deadline = Deadline.after(settings.deadline_for(family))
+    return run_probe(family, lambda s, d: get_probe(family)(s, d), settings, deadline)
+
+
+def run_probe(family: str, probe: Probe, settings: Settings, deadline: Deadline) -> Section:
+    """Run `probe` on a worker thread under `deadline`: whatever it does, a section comes back.
+
+    An exception becomes EUNKNOWN with its class and message (secrets scrubbed, no
+    traceback); a probe still busy DEADLINE_GRACE_SECONDS after the deadline is abandoned
+    and reported as EUNKNOWN too.
+    """
     redactor = Redactor.for_settings(settings)
     started_at = utcnow()
     start = time.monotonic()
@@ -38,8 +48,8 @@ def run_family(family: str, settings: Settings, deadline: Deadline | None = None
 
     def work() -> None:
         try:
-            outcome.append(get_probe(family)(settings, deadline))
-        except BaseException as exc:
+            outcome.append(probe(settings, deadline))
+        except BaseException as exc:  # every failure becomes a section
             outcome.append(exc)
         finally:
             done.set()
