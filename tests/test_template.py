@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,14 @@ import pytest
 from cfnlint.api import ManualArgs, lint_file
 from cfnlint.decode import cfn_yaml
 
+from deployhealth.checks import FAMILIES
+from deployhealth.settings import ENV_PREFIX, known_keys
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "template.yaml"
-PRODUCT_SPEC_CANDIDATES = [
-    ROOT / "docs" / "product.md",
-    ROOT.parent / "shared" / "spec" / "product.md",
-]
 
-# The families whose functions this template deploys so far. Later issues add websocket,
-# derp, workspace_proxy, provisioner_daemons and entitlements.
-EXPECTED_FAMILIES = ("access_url", "database")
+# Every family the library runs has its scheduled function.
+EXPECTED_FAMILIES = FAMILIES
 PUBLIC_ROUTES = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/readyz/{section}")}
 IAM_ROUTES = {
     ("GET", "/api/v2/debug/health"),
@@ -36,24 +33,6 @@ IAM_ROUTES = {
     ("GET", "/api/v2/debug/health/settings"),
     ("PUT", "/api/v2/debug/health/settings"),
     ("GET", "/health"),
-}
-# product.md's fixed names, used when the spec file is not next to the repository.
-PRODUCT_ENV_NAMES = {
-    "DEPLOYHEALTH_NAME",
-    "DEPLOYHEALTH_ACCESS_URL",
-    "DEPLOYHEALTH_CODER_TOKEN",
-    "DEPLOYHEALTH_DATABASE_URL",
-    "DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS",
-    "DEPLOYHEALTH_DERP_MAP",
-    "DEPLOYHEALTH_STUN_SERVERS",
-    "DEPLOYHEALTH_INVENTORY",
-    "DEPLOYHEALTH_WEBSOCKET_IDLE_SECONDS",
-    "DEPLOYHEALTH_STORE",
-    "DEPLOYHEALTH_GATING_SECTIONS",
-    "DEPLOYHEALTH_STALE_AFTER_SECONDS",
-    "DEPLOYHEALTH_API_TOKEN",
-    "DEPLOYHEALTH_CODER_TOKEN_SECRET",
-    "DEPLOYHEALTH_DATABASE_SECRET",
 }
 
 
@@ -83,38 +62,6 @@ def function_for_family(template: dict[str, Any], family: str) -> tuple[str, dic
         ):
             return name, props
     raise AssertionError(f"no function runs functions/checks/{family}.py")
-
-
-def families_of_library() -> tuple[str, ...]:
-    """The library's family list when it is importable; at least the ones deployed here."""
-    src = str(ROOT / "src")
-    if src not in sys.path:
-        sys.path.insert(0, src)
-    try:
-        from deployhealth.checks import FAMILIES
-    except ImportError:  # the library is optional for these tests
-        return EXPECTED_FAMILIES
-    return tuple(dict.fromkeys([*EXPECTED_FAMILIES, *FAMILIES]))
-
-
-def library_env_names() -> set[str]:
-    src = str(ROOT / "src")
-    if src not in sys.path:
-        sys.path.insert(0, src)
-    try:
-        from deployhealth.settings import ENV_PREFIX, known_keys
-    except ImportError:
-        return set()
-    return {ENV_PREFIX + key for key in known_keys()}
-
-
-def product_env_names() -> set[str]:
-    for path in PRODUCT_SPEC_CANDIDATES:
-        if path.is_file():
-            return set(re.findall(r"`(DEPLOYHEALTH_[A-Z0-9_]+)`", path.read_text())) | (
-                PRODUCT_ENV_NAMES
-            )
-    return set(PRODUCT_ENV_NAMES)
 
 
 def env_vars(template: dict[str, Any]) -> dict[str, Any]:
@@ -174,17 +121,8 @@ def test_family_runs_on_a_schedule_without_retries(template: dict[str, Any], fam
 
 
 def test_every_library_family_is_deployed(template: dict[str, Any]) -> None:
-    # A family the library has but the template does not run yet is reported as a skip
-    # (visible with -ra) while later issues add their blocks; the ones deployed must be.
-    missing = []
-    for family in families_of_library():
-        try:
-            function_for_family(template, family)
-        except AssertionError:
-            assert family not in EXPECTED_FAMILIES
-            missing.append(family)
-    if missing:
-        pytest.skip(f"library families without a scheduled function yet: {', '.join(missing)}")
+    for family in FAMILIES:
+        function_for_family(template, family)
 
 
 def test_every_function_has_its_own_log_group_and_alarms(template: dict[str, Any]) -> None:
@@ -270,10 +208,8 @@ def test_every_alarm_notifies_the_topic(template: dict[str, Any]) -> None:
 
 
 def test_only_known_environment_variable_names(template: dict[str, Any]) -> None:
-    allowed = product_env_names() | library_env_names()
-    # Per-family deadlines are settings too (DEPLOYHEALTH_<FAMILY>_DEADLINE_SECONDS).
-    allowed |= {f"DEPLOYHEALTH_{f.upper()}_DEADLINE_SECONDS" for f in families_of_library()}
-    allowed |= {"DEPLOYHEALTH_CHECK_INTERVAL_SECONDS", "DEPLOYHEALTH_METRICS_NAMESPACE"}
+    # The library refuses unknown DEPLOYHEALTH_* names, so a typo here would fail every run.
+    allowed = {ENV_PREFIX + key for key in known_keys()}
     for name in env_vars(template):
         assert name.startswith("POWERTOOLS_") or name in allowed, name
 
