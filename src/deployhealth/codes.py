@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deployhealth.checks import FAMILIES
 from deployhealth.model import Severity
 
 DOCS_PATH = "docs/codes.md"
@@ -77,7 +78,104 @@ _ALL = [
     ),
 ]
 
-CODES: dict[str, Code] = {c.code: c for c in _ALL}
+_NETWORK = [
+    Code(
+        "EWS01", "websocket", Severity.ERROR,
+        "The WebSocket dial or handshake to /api/v2/debug/ws failed.",
+        "The message keeps the handshake's HTTP status and body. Check that the load balancer "
+        "forwards Upgrade/Connection headers and that the token is valid.",
+    ),
+    Code(
+        "EWS02", "websocket", Severity.ERROR,
+        "A write or a read on the WebSocket failed.",
+        "A proxy closed or reset the connection mid-exchange: check its timeouts and limits.",
+    ),
+    Code(
+        "EWS03", "websocket", Severity.ERROR,
+        "The echo was not a text frame, or not the same text.",
+        "Something between deployhealth and Coder rewrites WebSocket traffic.",
+    ),
+    Code(
+        "EWS04", "websocket", Severity.WARNING,
+        "The idle WebSocket was closed before the idle window ended.",
+        "A proxy idle timeout (60 s on an ALB) cuts silent sessions and no server heartbeat "
+        "keeps them alive: raise the idle timeout above Coder's ping interval.",
+    ),
+    Code(
+        "EDERP01", "derp", Severity.WARNING,
+        "A DERP node worked only over the WebSocket fallback.",
+        "A proxy drops `Upgrade: DERP`; allow it, or accept slower WebSocket relaying.",
+    ),
+    Code(
+        "EDERP02", "derp", Severity.WARNING,
+        "One node of a multi-node DERP region is not ok.",
+        "The region still works through its other nodes; repair or remove the failing node.",
+    ),
+    Code(
+        "ESTUN01", "derp", Severity.WARNING,
+        "STUN is enabled somewhere and no STUN server answered.",
+        "Open UDP 3478 (or the configured ports) in security groups and network ACLs.",
+    ),
+    Code(
+        "ESTUN02", "derp", Severity.OK,
+        "The NAT mapping varies by destination (hard NAT).",
+        "Direct connections will rarely succeed from this network; traffic is relayed.",
+    ),
+]
+
+_INVENTORY = [
+    Code(
+        "EWP01", "workspace_proxy", Severity.WARNING,
+        "Some workspace proxies were not probed before the family deadline.",
+        "The message lists them; raise DEPLOYHEALTH_WORKSPACE_PROXY_DEADLINE_SECONDS or "
+        "DEPLOYHEALTH_PROXY_CONCURRENCY.",
+    ),
+    Code(
+        "EWP02", "workspace_proxy", Severity.ERROR,
+        "The workspace proxy inventory could not be read.",
+        "Check the token (api), the database credentials (database) or the static lists.",
+    ),
+    Code(
+        "EWP04", "workspace_proxy", Severity.WARNING,
+        "A workspace proxy reported an error or warning, or could not be reached.",
+        "The message names the proxy and what it said; try its /healthz-report by hand.",
+    ),
+    Code(
+        "EPD01", "provisioner_daemons", Severity.ERROR,
+        "No provisioner daemon was seen within the last 90 seconds.",
+        "Workspace builds will queue forever: check the provisioner deployment and its key.",
+    ),
+    Code(
+        "EPD02", "provisioner_daemons", Severity.WARNING,
+        "A provisioner daemon's version differs from the server's (major.minor).",
+        "Upgrade the external provisioners together with the server.",
+    ),
+    Code(
+        "EPD03", "provisioner_daemons", Severity.WARNING,
+        "A provisioner daemon's API major version differs from the server's.",
+        "Upgrade the external provisioners: they may fail to take jobs.",
+    ),
+    Code(
+        "EENT01", "entitlements", Severity.ERROR,
+        "A blocking entitlement error, e.g. several replicas without high availability.",
+        "Users cannot reach workspaces: scale to one replica or add an HA licence.",
+    ),
+    Code(
+        "EENT02", "entitlements", Severity.WARNING,
+        "The deployment reports entitlement warnings (licence expiring, seat limit).",
+        "Renew the licence or review seat usage before it blocks users.",
+    ),
+    Code(
+        "EENT03", "entitlements", Severity.WARNING,
+        "A replica reports an error, e.g. it cannot dial its peers' relays.",
+        "Check that replicas can reach each other's relay address (security groups).",
+    ),
+]
+
+# Only the codes of families this version runs: a code nobody can emit is not documented.
+CODES: dict[str, Code] = {
+    c.code: c for c in [*_ALL, *_NETWORK, *_INVENTORY] if c.section in ("any", *FAMILIES)
+}
 
 
 def lookup(code: str) -> Code | None:

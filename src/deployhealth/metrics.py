@@ -8,11 +8,11 @@ Logs turns them into metrics; locally they go to stderr or nowhere, so that
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import IO, Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -20,7 +20,7 @@ from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
     AmazonCloudWatchEMFProvider,
 )
 
-from deployhealth.model import Section, parse_rfc3339, section_failing
+from deployhealth.model import Section, section_failing
 
 
 @dataclass(frozen=True)
@@ -30,28 +30,21 @@ class Datum:
     value: float
 
 
-def _access_url_data(section: Section) -> Iterable[Datum]:
-    status = section.details.get("status_code")
-    if isinstance(status, int) and status > 0:
-        yield Datum("AccessUrlStatusCode", MetricUnit.NoUnit, status)
-    not_after = section.details.get("tls_not_after")
-    if isinstance(not_after, str):
-        left = (parse_rfc3339(not_after) - datetime.now(UTC)).total_seconds() / 86400
-        yield Datum("TlsCertDaysLeft", MetricUnit.Count, round(left, 2))
+# A family module may define, next to `probe`:
+#   section_metrics(section) -> Iterable[Datum]    extra data in the section's own record
+#   item_metrics(section) -> Iterable[tuple[dict[str, str], list[Datum]]]
+#                                                   records with extra dimensions (Region, Proxy)
+SECTION_METRICS = "section_metrics"
+ITEM_METRICS = "item_metrics"
 
 
-def _database_data(section: Section) -> Iterable[Datum]:
-    if section.details.get("reachable"):
-        latency = section.details.get("latency_ms_exact", section.details.get("latency_ms"))
-        if isinstance(latency, int | float):
-            yield Datum("DatabaseLatencyMs", MetricUnit.Milliseconds, float(latency))
-
-
-# Family-specific metrics; a family without an entry emits the common three only.
-FAMILY_DATA: dict[str, Callable[[Section], Iterable[Datum]]] = {
-    "access_url": _access_url_data,
-    "database": _database_data,
-}
+def _family_hook(name: str, hook: str) -> Callable[[Section], Iterable[Any]] | None:
+    try:
+        module = importlib.import_module(f"deployhealth.checks.{name}")
+    except ImportError:
+        return None
+    found: Callable[[Section], Iterable[Any]] | None = getattr(module, hook, None)
+    return found
 
 
 class MetricsSink:
@@ -64,22 +57,27 @@ class MetricsSink:
         self._lock = threading.Lock()
 
     def section(self, name: str, section: Section) -> dict[str, Any]:
+        """The section's record (returned), then any per-item records of its family."""
+        extra = _family_hook(name, SECTION_METRICS)
         data = [
             Datum("SectionSeverity", MetricUnit.Count, section.severity.rank),
             Datum("SectionHealthy", MetricUnit.Count, 0 if section_failing(name, section) else 1),
             Datum("CheckDurationMs", MetricUnit.Milliseconds, section.duration_ms),
-            *FAMILY_DATA.get(name, lambda _s: ())(section),
+            *(extra(section) if extra else ()),
         ]
-        return self._emit({"Deployment": self.deployment, "Section": name}, data)
+        record = self._emit({"Deployment": self.deployment, "Section": name}, data)
+        items = _family_hook(name, ITEM_METRICS)
+        for dimensions, item_data in items(section) if items else ():
+            if item_data:
+                self._emit(
+                    {"Deployment": self.deployment, "Section": name, **dimensions}, item_data
+                )
+        return record
 
     def ready(self, ready: bool) -> dict[str, Any]:
         return self._emit(
             {"Deployment": self.deployment}, [Datum("Ready", MetricUnit.Count, int(ready))]
         )
-
-    def custom(self, dimensions: dict[str, str], data: Iterable[Datum]) -> dict[str, Any]:
-        """For families with per-item dimensions (Region, Proxy)."""
-        return self._emit({"Deployment": self.deployment, **dimensions}, list(data))
 
     def _emit(self, dimensions: dict[str, str], data: Iterable[Datum]) -> dict[str, Any]:
         # service="" on purpose: Powertools would otherwise add a `service` dimension from

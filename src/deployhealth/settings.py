@@ -195,6 +195,11 @@ class Settings:
     metrics_namespace: str = "DeployHealth"
     ssrf_allow: tuple[str, ...] = ()
     api_token: Secret | None = None
+    # The `static` inventory source: lists shaped like the Coder API's answers.
+    static_proxies: tuple[Mapping[str, Any], ...] = ()
+    static_provisioner_daemons: tuple[Mapping[str, Any], ...] = ()
+    static_replicas: tuple[Mapping[str, Any], ...] = ()
+    proxy_concurrency: int = 16
 
     # --- derived values -------------------------------------------------------------
 
@@ -404,6 +409,19 @@ def _store(key: str, raw: Any) -> StoreLocation:
     )
 
 
+def _objects(key: str, raw: Any) -> tuple[Mapping[str, Any], ...]:
+    """A list of objects: JSON text (environment) or a TOML array of tables."""
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw) if raw.strip() else []
+        except json.JSONDecodeError as exc:
+            raise SettingsError(key, f"is not valid JSON: {exc.msg} at {exc.pos}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise SettingsError(key, "must be a list of objects")
+    return tuple(value)
+
+
 def _networks(key: str, raw: Any) -> tuple[str, ...]:
     nets = _list(key, raw)
     for net in nets:
@@ -448,6 +466,17 @@ _SPECS: dict[str, _Spec] = {
     "METRICS_NAMESPACE": _Spec("metrics_namespace", _text, "DeployHealth"),
     "SSRF_ALLOW": _Spec("ssrf_allow", _networks, "169.254.170.2/32"),
     "API_TOKEN": _Spec("api_token", _secret, "<a long random string>", secret=True),
+    "STATIC_PROXIES": _Spec(
+        "static_proxies", _objects, '[{"name": "eu", "path_app_url": "https://eu.example.com"}]'
+    ),
+    "STATIC_PROVISIONER_DAEMONS": _Spec(
+        "static_provisioner_daemons", _objects,
+        '[{"name": "p1", "version": "v2.18.1", "api_version": "1.1", "last_seen_at": "..."}]',
+    ),
+    "STATIC_REPLICAS": _Spec(
+        "static_replicas", _objects, '[{"hostname": "coder-0", "primary": true, ...}]'
+    ),
+    "PROXY_CONCURRENCY": _Spec("proxy_concurrency", _integer(1), "16"),
 }
 # Per-family deadlines: DEPLOYHEALTH_<FAMILY>_DEADLINE_SECONDS.
 _DEADLINE_KEYS = {f"{f.upper()}_DEADLINE_SECONDS": f for f in SECTION_NAMES}

@@ -35,13 +35,15 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from deployhealth.deadline import Deadline, DeadlineExceeded
-from deployhealth.model import Finding, Section, Severity, rfc3339
+from deployhealth.metrics import Datum, MetricUnit
+from deployhealth.model import Finding, Section, Severity, parse_rfc3339, rfc3339
 from deployhealth.settings import Settings
 
 REQUEST_TIMEOUT_SECONDS = 5.0
@@ -688,3 +690,14 @@ def _der_time(tag: int, text: str) -> datetime | None:
     else:
         return None
     return moment.replace(tzinfo=UTC)
+
+
+def section_metrics(section: Section) -> Iterator[Datum]:
+    """AccessUrlStatusCode and TlsCertDaysLeft for the dashboard (see deployhealth.metrics)."""
+    status = section.details.get("status_code")
+    if isinstance(status, int) and status > 0:
+        yield Datum("AccessUrlStatusCode", MetricUnit.NoUnit, status)
+    not_after = section.details.get("tls_not_after")
+    if isinstance(not_after, str):
+        left = (parse_rfc3339(not_after) - datetime.now(UTC)).total_seconds() / 86400
+        yield Datum("TlsCertDaysLeft", MetricUnit.Count, round(left, 2))

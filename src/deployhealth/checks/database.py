@@ -26,6 +26,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pg8000.exceptions
@@ -33,6 +34,7 @@ import pg8000.native
 
 from deployhealth.checks.access_url import PhaseError, connect_tcp, resolve_host
 from deployhealth.deadline import Deadline, DeadlineExceeded
+from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity
 from deployhealth.redact import Redactor
 from deployhealth.settings import DatabaseTarget, Settings, SettingsError
@@ -334,3 +336,11 @@ def _os_text(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def section_metrics(section: Section) -> Iterator[Datum]:
+    """DatabaseLatencyMs, when the database answered (see deployhealth.metrics)."""
+    if section.details.get("reachable"):
+        latency = section.details.get("latency_ms_exact", section.details.get("latency_ms"))
+        if isinstance(latency, int | float):
+            yield Datum("DatabaseLatencyMs", MetricUnit.Milliseconds, float(latency))

@@ -8,7 +8,9 @@ break it for real:
     curl -X POST 'http://127.0.0.1:PORT/_sim/faults?database=down'
     curl -X POST 'http://127.0.0.1:PORT/_sim/faults?reset'
 
-Later families add their surfaces here (WebSocket echo, DERP, proxies ...).
+Surfaces plug in: a module adds its routes with `sim.route(path, handler)` and its switches
+with `sim.fault(name, modes, on_change)`. `sim/network.py` (WebSocket, DERP, STUN) and
+`sim/inventory.py` (Coder API, proxies, provisioners, replicas) register theirs here.
 """
 
 from __future__ import annotations
@@ -22,17 +24,16 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 CODER_VERSION = "v2.18.1+sim"
-HEALTHZ_MODES = ("ok", "502", "503", "wrong-body", "hang")
-DATABASE_MODES = ("ok", "down", "slow")
+
+# A route handler gets the request handler (for the socket, headers, writing) and the sim.
+RouteHandler = Callable[["SimRequest", "SimulatedDeployment"], None]
 
 
-@dataclass
-class Faults:
-    healthz: str = "ok"
-    database: str = "ok"
-
-    def as_dict(self) -> dict[str, str]:
-        return {"healthz": self.healthz, "database": self.database}
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    modes: tuple[str, ...]  # the first is the healthy default
+    on_change: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -42,10 +43,48 @@ class SimulatedDeployment:
     host: str = "127.0.0.1"
     port: int = 0
     on_database: Callable[[str], None] | None = None
-    faults: Faults = field(default_factory=Faults)
+    _routes: dict[tuple[str, str], RouteHandler] = field(default_factory=dict)
+    _faults: dict[str, Fault] = field(default_factory=dict)
+    _modes: dict[str, str] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
-    _thread: threading.Thread | None = None
     _release: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from deployhealth.sim import inventory, network
+
+        self.route("GET", "/healthz", _healthz)
+        self.route("GET", "/api/v2/buildinfo", _buildinfo)
+        self.fault("healthz", ("ok", "502", "503", "wrong-body", "hang"))
+        self.fault("database", ("ok", "down", "slow"), lambda mode: self._database(mode))
+        network.register(self)
+        inventory.register(self)
+
+    # --- plumbing for surfaces ----------------------------------------------------------
+
+    def route(self, method: str, path: str, handler: RouteHandler) -> None:
+        self._routes[(method, path)] = handler
+
+    def fault(
+        self, name: str, modes: tuple[str, ...], on_change: Callable[[str], None] | None = None
+    ) -> None:
+        self._faults[name] = Fault(name, modes, on_change)
+        self._modes[name] = modes[0]
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Something a surface started (a UDP server, a thread) to stop with the sim."""
+        self._closers.append(closer)
+
+    def mode(self, name: str) -> str:
+        return self._modes[name]
+
+    @property
+    def released(self) -> threading.Event:
+        """Set when a "hang" fault is lifted or the sim closes: hanging handlers wait on it."""
+        return self._release
+
+    # --- lifecycle ----------------------------------------------------------------------
 
     @property
     def url(self) -> str:
@@ -55,14 +94,16 @@ class SimulatedDeployment:
     def start(self) -> SimulatedDeployment:
         self._server = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(
+        threading.Thread(
             target=self._server.serve_forever, name="sim-deployment", daemon=True
-        )
-        self._thread.start()
+        ).start()
         return self
 
     def close(self) -> None:
         self._release.set()  # let hanging requests go
+        for closer in reversed(self._closers):
+            closer()
+        self._closers.clear()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -74,80 +115,123 @@ class SimulatedDeployment:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # --- faults -------------------------------------------------------------------------
+
+    def faults(self) -> dict[str, str]:
+        return dict(self._modes)
+
     def set_faults(self, changes: dict[str, str]) -> None:
-        """Apply `name=mode` switches; raises ValueError naming a bad switch."""
+        """Apply `name=mode` switches; raises ValueError naming a bad switch, changing nothing."""
         if "reset" in changes:
-            changes = {"healthz": "ok", "database": "ok"}
+            changes = {name: fault.modes[0] for name, fault in self._faults.items()}
         for name, mode in changes.items():
-            allowed = {"healthz": HEALTHZ_MODES, "database": DATABASE_MODES}.get(name)
-            if allowed is None:
-                raise ValueError(f"unknown fault {name!r}; faults: healthz, database")
-            if mode not in allowed:
-                raise ValueError(f"fault {name} has no mode {mode!r}; modes: {', '.join(allowed)}")
-        for name, mode in changes.items():
-            setattr(self.faults, name, mode)
-            if name == "database" and self.on_database is not None:
-                self.on_database(mode)
-        if self.faults.healthz != "hang":
-            self._release.set()
-            self._release = threading.Event()
+            fault = self._faults.get(name)
+            if fault is None:
+                raise ValueError(f"unknown fault {name!r}; faults: {', '.join(self._faults)}")
+            if mode not in fault.modes:
+                raise ValueError(
+                    f"fault {name} has no mode {mode!r}; modes: {', '.join(fault.modes)}"
+                )
+        with self._lock:
+            for name, mode in changes.items():
+                self._modes[name] = mode
+                callback = self._faults[name].on_change
+                if callback is not None:
+                    callback(mode)
+            if "hang" not in self._modes.values():
+                self._release.set()
+                self._release = threading.Event()
+
+    def _database(self, mode: str) -> None:
+        if self.on_database is not None:
+            self.on_database(mode)
 
 
-def _handler_for(sim: SimulatedDeployment) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "coderd-sim"
+class SimRequest(BaseHTTPRequestHandler):
+    """One request to the sim; route handlers use these helpers to answer like Coder."""
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # the demo's terminal is for deployhealth's output
+    protocol_version = "HTTP/1.1"
+    server_version = "coderd-sim"
+    sim: SimulatedDeployment
 
-        def do_GET(self) -> None:
-            path = urlsplit(self.path).path
-            if path == "/healthz":
-                self._healthz()
-            elif path == "/api/v2/buildinfo":
-                self._json(200, {"version": CODER_VERSION, "provisioner_api_version": "1.1"})
-            elif path == "/_sim/faults":
-                self._json(200, sim.faults.as_dict())
-            else:
-                self._json(404, {"message": "Route not found.", "detail": path})
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the demo's terminal is for deployhealth's output
 
-        def do_POST(self) -> None:
-            parts = urlsplit(self.path)
-            if parts.path != "/_sim/faults":
-                self._json(404, {"message": "Route not found.", "detail": parts.path})
-                return
-            changes = dict(parse_qsl(parts.query, keep_blank_values=True))
+    @property
+    def path_only(self) -> str:
+        return urlsplit(self.path).path
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(urlsplit(self.path).query, keep_blank_values=True))
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path_only
+        if path == "/_sim/faults":
+            self._faults(method)
+            return
+        handler = self.sim._routes.get((method, path))
+        if handler is None:
+            # Prefix routes ("/api/v2/organizations/*") are registered with a trailing "*".
+            for (m, route), candidate in self.sim._routes.items():
+                if m == method and route.endswith("*") and path.startswith(route[:-1]):
+                    handler = candidate
+                    break
+        if handler is None:
+            self.send_json(404, {"message": "Route not found.", "detail": path})
+            return
+        handler(self, self.sim)
+
+    def _faults(self, method: str) -> None:
+        if method == "POST":
             try:
-                sim.set_faults(changes)
+                self.sim.set_faults(self.query)
             except ValueError as exc:
-                self._json(400, {"message": str(exc)})
+                self.send_json(400, {"message": str(exc)})
                 return
-            self._json(200, sim.faults.as_dict())
+        self.send_json(200, self.sim.faults())
 
-        def _healthz(self) -> None:
-            mode = sim.faults.healthz
-            if mode == "hang":
-                # Accept and never answer, like a wedged server behind a TCP load balancer.
-                sim._release.wait()
-                return
-            if mode in ("502", "503"):
-                self._text(int(mode), "<html><body>Bad Gateway</body></html>", "text/html")
-            elif mode == "wrong-body":
-                self._text(200, "<html>Welcome to nginx!</html>", "text/html")
-            else:
-                self._text(200, "OK", "text/plain; charset=utf-8")
+    def send_json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
+        self.send_text(status, json.dumps(body), "application/json", headers)
 
-        def _json(self, status: int, body: object) -> None:
-            self._text(status, json.dumps(body), "application/json")
+    def send_text(
+        self, status: int, body: str | bytes, content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Coder-Build-Version", CODER_VERSION)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
 
-        def _text(self, status: int, body: str, content_type: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("X-Coder-Build-Version", CODER_VERSION)
-            self.end_headers()
-            self.wfile.write(data)
 
-    return Handler
+def _handler_for(sim: SimulatedDeployment) -> type[SimRequest]:
+    return type("BoundSimRequest", (SimRequest,), {"sim": sim})
+
+
+def _healthz(request: SimRequest, sim: SimulatedDeployment) -> None:
+    mode = sim.mode("healthz")
+    if mode == "hang":
+        # Accept and never answer, like a wedged server behind a TCP load balancer.
+        sim.released.wait()
+        return
+    if mode in ("502", "503"):
+        request.send_text(int(mode), "<html><body>Bad Gateway</body></html>", "text/html")
+    elif mode == "wrong-body":
+        request.send_text(200, "<html>Welcome to nginx!</html>", "text/html")
+    else:
+        request.send_text(200, "OK", "text/plain; charset=utf-8")
+
+
+def _buildinfo(request: SimRequest, sim: SimulatedDeployment) -> None:
+    request.send_json(200, {"version": CODER_VERSION, "provisioner_api_version": "1.1"})
