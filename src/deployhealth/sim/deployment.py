@@ -43,6 +43,8 @@ class SimulatedDeployment:
     host: str = "127.0.0.1"
     port: int = 0
     on_database: Callable[[str], None] | None = None
+    # The session token the sim's authenticated Coder routes expect (Coder-Session-Token).
+    token: str = "sim-token"
     _routes: dict[tuple[str, str], RouteHandler] = field(default_factory=dict)
     _faults: dict[str, Fault] = field(default_factory=dict)
     _modes: dict[str, str] = field(default_factory=dict)
