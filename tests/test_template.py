@@ -19,13 +19,16 @@ from cfnlint.api import ManualArgs, lint_file
 from cfnlint.decode import cfn_yaml
 
 from deployhealth.checks import FAMILIES
-from deployhealth.settings import ENV_PREFIX, known_keys
+from deployhealth.model import SECTION_NAMES
+from deployhealth.settings import ENV_PREFIX, known_keys, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "template.yaml"
 
 # Every family the library runs has its scheduled function.
 EXPECTED_FAMILIES = FAMILIES
+# Families that read the inventory (proxies, provisioner daemons, replicas).
+INVENTORY_FAMILIES = ("workspace_proxy", "provisioner_daemons", "entitlements")
 PUBLIC_ROUTES = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/readyz/{section}")}
 IAM_ROUTES = {
     ("GET", "/api/v2/debug/health"),
@@ -53,15 +56,104 @@ def functions(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return resources_of(template, "AWS::Serverless::Function")
 
 
+def functions_for_family(template: dict[str, Any], family: str) -> dict[str, dict[str, Any]]:
+    """Every function that runs functions/checks/<family>.py (websocket has two)."""
+    return {
+        name: fn["Properties"]
+        for name, fn in functions(template).items()
+        if fn["Properties"].get("CodeUri", "").rstrip("/") == "functions/checks"
+        and fn["Properties"].get("Handler") == f"{family}.handler"
+    }
+
+
 def function_for_family(template: dict[str, Any], family: str) -> tuple[str, dict[str, Any]]:
-    for name, fn in functions(template).items():
-        props = fn["Properties"]
-        if (
-            props.get("CodeUri", "").rstrip("/") == "functions/checks"
-            and props.get("Handler") == f"{family}.handler"
-        ):
+    """The family's function on the check interval (for websocket: the echo, not the idle probe)."""
+    for name, props in functions_for_family(template, family).items():
+        (schedule,) = [e for e in props["Events"].values() if e["Type"] == "Schedule"]
+        if schedule["Properties"]["Schedule"] == {
+            "Fn::FindInMap": ["Interval", {"Ref": "CheckIntervalMinutes"}, "Rate"]
+        }:
             return name, props
-    raise AssertionError(f"no function runs functions/checks/{family}.py")
+    raise AssertionError(f"no function runs functions/checks/{family}.py every check interval")
+
+
+def deployed_families(template: dict[str, Any]) -> set[str]:
+    return {
+        fn["Properties"]["Handler"].rpartition(".")[0]
+        for fn in functions(template).values()
+        if fn["Properties"].get("CodeUri", "").rstrip("/") == "functions/checks"
+    }
+
+
+def env_of(template: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
+    """A function's environment: the Globals merged with its own (as SAM merges them)."""
+    return {
+        **template["Globals"]["Function"]["Environment"]["Variables"],
+        **props.get("Environment", {}).get("Variables", {}),
+    }
+
+
+def parameter_values(template: dict[str, Any], **overrides: str) -> dict[str, str]:
+    """Every parameter's default (CommaDelimitedList as text), with overrides."""
+    values = {k: str(p.get("Default", "")) for k, p in template["Parameters"].items()}
+    values.update(overrides)
+    return values
+
+
+def resolve(template: dict[str, Any], value: Any, params: dict[str, str]) -> Any:
+    """Evaluate the intrinsic functions this template uses on parameters, for given values."""
+    if isinstance(value, list):
+        return [resolve(template, v, params) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1 or not next(iter(value)).startswith(("Ref", "Fn::", "Condition")):
+        return {k: resolve(template, v, params) for k, v in value.items()}
+    ((fn, arg),) = value.items()
+    if fn == "Ref":
+        if arg in params:
+            kind = template["Parameters"][arg]["Type"]
+            text = params[arg]
+            return [x for x in text.split(",")] if kind == "CommaDelimitedList" else text
+        return value  # a resource or pseudo parameter: left as is
+    if fn == "Fn::FindInMap":
+        mapping, key, attr = (resolve(template, a, params) for a in arg)
+        return template["Mappings"][mapping][key][attr]
+    if fn == "Fn::Sub" and isinstance(arg, str):
+        return re.sub(r"\$\{(\w+)\}", lambda m: params.get(m[1], m[0]), arg)
+    if fn == "Fn::Join":
+        sep, items = arg
+        return sep.join(resolve(template, items, params))
+    if fn == "Fn::Split":
+        sep, text = (resolve(template, a, params) for a in arg)
+        return text.split(sep)
+    if fn == "Fn::Select":
+        index, items = (resolve(template, a, params) for a in arg)
+        return items[int(index)]
+    if fn == "Fn::Equals":
+        a, b = (resolve(template, x, params) for x in arg)
+        return a == b
+    if fn == "Fn::Not":
+        return not resolve(template, arg[0], params)
+    if fn == "Fn::And":
+        return all(resolve(template, x, params) for x in arg)
+    if fn == "Fn::Or":
+        return any(resolve(template, x, params) for x in arg)
+    if fn == "Condition":
+        return condition(template, arg, params)
+    if fn == "Fn::If":
+        name, yes, no = arg
+        return resolve(template, yes if condition(template, name, params) else no, params)
+    return value
+
+
+def condition(template: dict[str, Any], name: str, params: dict[str, str]) -> bool:
+    return bool(resolve(template, template["Conditions"][name], params))
+
+
+def policies_of(template: dict[str, Any], props: dict[str, Any], params: dict[str, str]) -> list:
+    """A function's policies for these parameter values (AWS::NoValue dropped)."""
+    out = [resolve(template, p, params) for p in props.get("Policies", [])]
+    return [p for p in out if p != {"Ref": "AWS::NoValue"}]
 
 
 def env_vars(template: dict[str, Any]) -> dict[str, Any]:
@@ -109,20 +201,182 @@ def test_function_code_holds_no_logic() -> None:
 
 @pytest.mark.parametrize("family", EXPECTED_FAMILIES)
 def test_family_runs_on_a_schedule_without_retries(template: dict[str, Any], family: str) -> None:
-    name, props = function_for_family(template, family)
-    schedules = [e for e in props["Events"].values() if e["Type"] == "Schedule"]
-    assert len(schedules) == 1, f"{name}: one schedule"
-    assert schedules[0]["Properties"]["RetryPolicy"]["MaximumRetryAttempts"] == 0
-    # EventBridge invokes asynchronously: Lambda's own retries must be off as well.
-    assert props["EventInvokeConfig"]["MaximumRetryAttempts"] == 0
-    assert props["Timeout"] > float(
-        props["Environment"]["Variables"][f"DEPLOYHEALTH_{family.upper()}_DEADLINE_SECONDS"]
-    )
+    function_for_family(template, family)  # one on the check interval, at least
+    for name, props in functions_for_family(template, family).items():
+        schedules = [e for e in props["Events"].values() if e["Type"] == "Schedule"]
+        assert len(schedules) == 1, f"{name}: one schedule"
+        assert schedules[0]["Properties"]["RetryPolicy"]["MaximumRetryAttempts"] == 0
+        # EventBridge invokes asynchronously: Lambda's own retries must be off as well.
+        assert props["EventInvokeConfig"]["MaximumRetryAttempts"] == 0
+        # Timeout and deadline may come from a mapping: check every allowed parameter value.
+        for params in every_value_of(template, "WebsocketIdleSeconds"):
+            timeout = float(resolve(template, props["Timeout"], params))
+            deadline = float(
+                resolve(
+                    template,
+                    props["Environment"]["Variables"][
+                        f"DEPLOYHEALTH_{family.upper()}_DEADLINE_SECONDS"
+                    ],
+                    params,
+                )
+            )
+            assert timeout == deadline + 5, name  # start-up and the store write
+            assert timeout <= 900, name  # Lambda's maximum
+
+
+def every_value_of(template: dict[str, Any], parameter: str) -> list[dict[str, str]]:
+    allowed = template["Parameters"][parameter]["AllowedValues"]
+    return [parameter_values(template, **{parameter: str(v)}) for v in allowed]
 
 
 def test_every_library_family_is_deployed(template: dict[str, Any]) -> None:
     for family in FAMILIES:
         function_for_family(template, family)
+    # ... and the template deploys no family the library does not know.
+    assert deployed_families(template) <= set(SECTION_NAMES)
+
+
+def test_websocket_echo_runs_every_interval_without_the_idle_probe(
+    template: dict[str, Any],
+) -> None:
+    _, props = function_for_family(template, "websocket")
+    assert props["Environment"]["Variables"]["DEPLOYHEALTH_WEBSOCKET_IDLE_SECONDS"] == "0"
+    assert float(props["Environment"]["Variables"]["DEPLOYHEALTH_WEBSOCKET_DEADLINE_SECONDS"]) == 15
+
+
+def websocket_idle_function(template: dict[str, Any]) -> dict[str, Any]:
+    echo, _ = function_for_family(template, "websocket")
+    others = {k: v for k, v in functions_for_family(template, "websocket").items() if k != echo}
+    assert list(others) == ["WebsocketIdleCheckFunction"]
+    return others["WebsocketIdleCheckFunction"]
+
+
+def test_websocket_idle_probe_has_its_own_schedule(template: dict[str, Any]) -> None:
+    props = websocket_idle_function(template)
+    (schedule,) = [e for e in props["Events"].values() if e["Type"] == "Schedule"]
+    rate = schedule["Properties"]["Schedule"]
+    assert rate == {
+        "Fn::FindInMap": ["IdleSchedule", {"Ref": "WebsocketIdleScheduleMinutes"}, "Rate"]
+    }
+    parameter = template["Parameters"]["WebsocketIdleScheduleMinutes"]
+    assert parameter["Default"] == "15"
+    assert [str(v) for v in parameter["AllowedValues"]] == ["5", "10", "15", "30", "60"]
+    for params in every_value_of(template, "WebsocketIdleScheduleMinutes"):
+        minutes = int(params["WebsocketIdleScheduleMinutes"])
+        text = resolve(template, rate, params)
+        number, unit = re.fullmatch(r"rate\((\d+) (minutes|hour)\)", text).groups()
+        assert int(number) * (60 if unit == "hour" else 1) == minutes, text
+        assert resolve(
+            template,
+            {"Fn::FindInMap": ["IdleSchedule", {"Ref": "WebsocketIdleScheduleMinutes"}, "Seconds"]},
+            params,
+        ) == str(60 * minutes)
+
+
+def settings_from(environ: dict[str, str], tmp_path: Path) -> Any:
+    """The library's settings from these variables alone (no ./deployhealth.toml)."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    return load_settings(environ, config_file=empty)
+
+
+def test_websocket_idle_probe_outlasts_an_alb_idle_timeout(
+    template: dict[str, Any], tmp_path: Path
+) -> None:
+    props = websocket_idle_function(template)
+    env = props["Environment"]["Variables"]
+    assert env["DEPLOYHEALTH_WEBSOCKET_IDLE_SECONDS"] == {"Ref": "WebsocketIdleSeconds"}
+    # Longer than an AWS ALB's default idle timeout (60 s), so that the probe catches it.
+    assert float(template["Parameters"]["WebsocketIdleSeconds"]["Default"]) > 60
+    for params in every_value_of(template, "WebsocketIdleSeconds"):
+        idle = float(resolve(template, env["DEPLOYHEALTH_WEBSOCKET_IDLE_SECONDS"], params))
+        deadline = resolve(template, env["DEPLOYHEALTH_WEBSOCKET_DEADLINE_SECONDS"], params)
+        # The deadline covers the silence plus the dial and the echoes around it ...
+        assert float(deadline) >= idle + 20, params["WebsocketIdleSeconds"]
+        # ... and the library accepts both values (it caps deadlines).
+        settings = settings_from(
+            {
+                "DEPLOYHEALTH_WEBSOCKET_IDLE_SECONDS": str(idle),
+                "DEPLOYHEALTH_WEBSOCKET_DEADLINE_SECONDS": str(deadline),
+            },
+            tmp_path,
+        )
+        assert settings.websocket_idle_seconds == idle
+        assert settings.deadline_for("websocket") == float(deadline)
+    # The token is needed to dial /api/v2/debug/ws.
+    params = parameter_values(template, CoderTokenSecret="coder/token")
+    assert {"Ref": "CoderTokenSecretReadPolicy"} in policies_of(template, props, params)
+
+
+SECRET_POLICIES = ({"Ref": "CoderTokenSecretReadPolicy"}, {"Ref": "DatabaseSecretReadPolicy"})
+PRIVATE_DB = {
+    "DatabaseSecret": "coder/db",
+    "DatabaseSubnetIds": "subnet-1,subnet-2",
+    "DatabaseSecurityGroupIds": "sg-1",
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reads_database"),
+    [
+        # automatic: api with a token, else database with a database secret
+        ({"CoderTokenSecret": "coder/token", **PRIVATE_DB}, False),
+        ({**PRIVATE_DB}, True),
+        ({"InventorySource": "database", "CoderTokenSecret": "coder/token", **PRIVATE_DB}, True),
+        ({"InventorySource": "api", **PRIVATE_DB}, False),
+        ({"InventorySource": "static", **PRIVATE_DB}, False),
+        ({"InventorySource": "database", "DatabaseSecret": "coder/db"}, True),  # public DB
+    ],
+)
+def test_inventory_functions_reach_the_database_only_when_they_read_it(
+    template: dict[str, Any], overrides: dict[str, str], reads_database: bool
+) -> None:
+    params = parameter_values(template, **overrides)
+    in_vpc = reads_database and bool(params["DatabaseSubnetIds"])
+    for family in INVENTORY_FAMILIES:
+        name, props = function_for_family(template, family)
+        policies = policies_of(template, props, params)
+        has_token = bool(params["CoderTokenSecret"])
+        assert ({"Ref": "CoderTokenSecretReadPolicy"} in policies) == has_token, name
+        assert ({"Ref": "DatabaseSecretReadPolicy"} in policies) == reads_database, name
+        vpc = resolve(template, props.get("VpcConfig", {"Ref": "AWS::NoValue"}), params)
+        if in_vpc:
+            assert vpc == {"SubnetIds": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
+        else:
+            assert vpc == {"Ref": "AWS::NoValue"}, name
+        assert env_of(template, props)["DEPLOYHEALTH_INVENTORY"] == {"Ref": "InventorySource"}
+
+
+def test_inventory_source_parameter_matches_the_library(
+    template: dict[str, Any], tmp_path: Path
+) -> None:
+    parameter = template["Parameters"]["InventorySource"]
+    assert parameter["Default"] == ""
+    for value in parameter["AllowedValues"]:
+        # "" is the library's automatic choice, not an error.
+        settings = settings_from({"DEPLOYHEALTH_INVENTORY": value}, tmp_path)
+        assert settings.inventory == (value or None)
+    concurrency = template["Parameters"]["ProxyConcurrency"]
+    for bound in ("Default", "MinValue", "MaxValue"):
+        settings = settings_from(
+            {"DEPLOYHEALTH_PROXY_CONCURRENCY": str(concurrency[bound])}, tmp_path
+        )
+        assert settings.proxy_concurrency == int(concurrency[bound])
+    settings = settings_from(
+        {"DEPLOYHEALTH_PROXY_CONCURRENCY": str(concurrency["Default"])}, tmp_path
+    )
+    assert settings.proxy_concurrency == int(concurrency["Default"])
+
+
+@pytest.mark.parametrize("family", ["access_url", "derp"])
+def test_families_without_secrets_get_no_secret_policy(
+    template: dict[str, Any], family: str
+) -> None:
+    params = parameter_values(template, CoderTokenSecret="coder/token", **PRIVATE_DB)
+    for name, props in functions_for_family(template, family).items():
+        policies = policies_of(template, props, params)
+        assert not [p for p in policies if p in SECRET_POLICIES], name
+        assert "VpcConfig" not in props, name
 
 
 def test_every_function_has_its_own_log_group_and_alarms(template: dict[str, Any]) -> None:
@@ -191,7 +445,9 @@ def test_severity_alarms_treat_missing_data_as_breaching(template: dict[str, Any
         assert set(dims) == {"Deployment", "Section"}, name
         assert dims["Deployment"] == {"Ref": "DeploymentName"}
         sections.add(dims["Section"])
-    assert sections == set(EXPECTED_FAMILIES)
+    # One severity alarm per deployed family (a superset of the library's FAMILIES).
+    assert sections == deployed_families(template)
+    assert sections >= set(EXPECTED_FAMILIES)
 
 
 def test_composite_alarm_covers_every_severity_alarm(template: dict[str, Any]) -> None:
@@ -290,3 +546,83 @@ def test_events_are_valid_json() -> None:
             assert "elb" in event["requestContext"]
             # An ALB sends either the single-value or the multi-value fields, never both.
             assert ("headers" in event) != ("multiValueHeaders" in event), f.name
+
+
+# --- dashboard ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dashboard(template: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard body as CloudWatch receives it, with placeholder values substituted."""
+    (board,) = resources_of(template, "AWS::CloudWatch::Dashboard").values()
+    text, variables = board["Properties"]["DashboardBody"]["Fn::Sub"]
+
+    def value(match: re.Match[str]) -> str:
+        name = match[1]
+        if name.startswith("!"):
+            return "${" + name[1:] + "}"  # Fn::Sub's escape for a literal ${...}
+        if name in variables:
+            return "60"
+        return "X" + re.sub(r"\W", "", name)
+
+    body = re.sub(r"\$\{([^}]+)\}", value, text)
+    return json.loads(body)
+
+
+def widget_metrics(dashboard: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    return [
+        (w["properties"]["title"], m)
+        for w in dashboard["widgets"]
+        if w["type"] == "metric"
+        for m in w["properties"]["metrics"]
+    ]
+
+
+def test_dashboard_shows_every_section_severity(dashboard: dict[str, Any]) -> None:
+    (widget,) = [
+        w for w in dashboard["widgets"] if w["properties"]["title"].startswith("Section severity")
+    ]
+    rows = widget["properties"]["metrics"]
+    assert rows[0][:5] == [
+        "DeployHealth",
+        "SectionSeverity",
+        "Deployment",
+        "XDeploymentName",
+        "Section",
+    ]
+    sections = [rows[0][5]] + [r[1] for r in rows[1:] if r[0] == "..."]
+    assert sections == list(SECTION_NAMES)
+
+
+def test_dashboard_searches_derp_regions_and_proxies(dashboard: dict[str, Any]) -> None:
+    expressions = [
+        m[0]["expression"]
+        for _, m in widget_metrics(dashboard)
+        if isinstance(m[0], dict) and "expression" in m[0]
+    ]
+    derp = [e for e in expressions if '"DerpRoundTripMs"' in e]
+    proxy = [e for e in expressions if '"ProxyStatus"' in e]
+    assert len(derp) == 1 and len(proxy) == 1
+    assert derp[0].startswith("SEARCH('{DeployHealth,Deployment,Region,Section} ")
+    assert 'Section="derp"' in derp[0] and 'Deployment="XDeploymentName"' in derp[0]
+    assert proxy[0].startswith("SEARCH('{DeployHealth,Deployment,Proxy,Section} ")
+    assert 'Section="workspace_proxy"' in proxy[0]
+
+
+def test_dashboard_shows_the_family_metrics(dashboard: dict[str, Any]) -> None:
+    named = {
+        (m[1], m[5] if len(m) > 5 else None)
+        for _, m in widget_metrics(dashboard)
+        if m and m[0] == "DeployHealth"
+    }
+    assert ("StunReachable", "derp") in named
+    assert ("ProvisionerDaemonsActive", "provisioner_daemons") in named
+    assert ("WebsocketIdleSurvived", "websocket") in named
+
+
+def test_dashboard_shows_every_function_s_errors(
+    template: dict[str, Any], dashboard: dict[str, Any]
+) -> None:
+    shown = {m[-1] for title, m in widget_metrics(dashboard) if title.startswith("Function errors")}
+    for name in functions(template):
+        assert "X" + name in shown, name

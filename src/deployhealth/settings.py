@@ -199,7 +199,7 @@ class Settings:
     static_proxies: tuple[Mapping[str, Any], ...] = ()
     static_provisioner_daemons: tuple[Mapping[str, Any], ...] = ()
     static_replicas: tuple[Mapping[str, Any], ...] = ()
-    proxy_concurrency: int = 16
+    proxy_concurrency: int = 64
 
     # --- derived values -------------------------------------------------------------
 
@@ -480,7 +480,7 @@ _SPECS: dict[str, _Spec] = {
 }
 # Per-family deadlines: DEPLOYHEALTH_<FAMILY>_DEADLINE_SECONDS.
 _DEADLINE_KEYS = {f"{f.upper()}_DEADLINE_SECONDS": f for f in SECTION_NAMES}
-_DEADLINE_PARSER = _number(0.1, 300)
+_DEADLINE_PARSER = _number(0.1, 880)  # Lambda stops a function at 900 s
 
 
 def known_keys() -> list[str]:
