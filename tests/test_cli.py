@@ -47,6 +47,7 @@ def healthy_env(sim: SimulatedDeployment, local_postgres) -> dict[str, str]:
         DEPLOYHEALTH_NAME="cli-test",
         DEPLOYHEALTH_ACCESS_URL=sim.url,
         DEPLOYHEALTH_DATABASE_URL=local_postgres.url,
+        DEPLOYHEALTH_CODER_TOKEN=sim.token,
         # Loopback is fast, but a loaded CI machine is not: EDB02 is not under test here.
         DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
     )
@@ -215,6 +216,7 @@ def test_serve_follows_the_database_going_down_and_coming_back(sim, tmp_path):
         env = clean_env(
             DEPLOYHEALTH_ACCESS_URL=sim.url,
             DEPLOYHEALTH_DATABASE_URL=postgres.url,
+            DEPLOYHEALTH_CODER_TOKEN=sim.token,
             DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
             DEPLOYHEALTH_STORE=f"sqlite:///{tmp_path / 'r.db'}",
         )

@@ -239,7 +239,7 @@ def test_stale_after_explicit() -> None:
         (
             {"DEPLOYHEALTH_DERP_DEADLINE_SECONDS": "900"},
             "DEPLOYHEALTH_DERP_DEADLINE_SECONDS",
-            "at most 300",
+            "at most 880",
             "DEPLOYHEALTH_DERP_DEADLINE_SECONDS=",
         ),
         (

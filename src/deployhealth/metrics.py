@@ -8,10 +8,9 @@ Logs turns them into metrics; locally they go to stderr or nowhere, so that
 
 from __future__ import annotations
 
-import importlib
 import json
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -20,6 +19,7 @@ from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
     AmazonCloudWatchEMFProvider,
 )
 
+from deployhealth.checks import family_hook
 from deployhealth.model import Section, section_failing
 
 
@@ -38,15 +38,6 @@ SECTION_METRICS = "section_metrics"
 ITEM_METRICS = "item_metrics"
 
 
-def _family_hook(name: str, hook: str) -> Callable[[Section], Iterable[Any]] | None:
-    try:
-        module = importlib.import_module(f"deployhealth.checks.{name}")
-    except ImportError:
-        return None
-    found: Callable[[Section], Iterable[Any]] | None = getattr(module, hook, None)
-    return found
-
-
 class MetricsSink:
     """Writes EMF records to a stream, or drops them when the stream is None."""
 
@@ -58,7 +49,7 @@ class MetricsSink:
 
     def section(self, name: str, section: Section) -> dict[str, Any]:
         """The section's record (returned), then any per-item records of its family."""
-        extra = _family_hook(name, SECTION_METRICS)
+        extra = family_hook(name, SECTION_METRICS)
         data = [
             Datum("SectionSeverity", MetricUnit.Count, section.severity.rank),
             Datum("SectionHealthy", MetricUnit.Count, 0 if section_failing(name, section) else 1),
@@ -66,7 +57,7 @@ class MetricsSink:
             *(extra(section) if extra else ()),
         ]
         record = self._emit({"Deployment": self.deployment, "Section": name}, data)
-        items = _family_hook(name, ITEM_METRICS)
+        items = family_hook(name, ITEM_METRICS)
         for dimensions, item_data in items(section) if items else ():
             if item_data:
                 self._emit(

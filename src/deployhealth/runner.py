@@ -12,9 +12,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from deployhealth.checks import FAMILIES, Probe, get_probe
+from deployhealth.checks import FAMILIES, Probe, family_hook, get_probe
 from deployhealth.deadline import Deadline
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import Finding, Section, Severity, utcnow
@@ -103,13 +103,25 @@ def run_families(
 
 @dataclass
 class Recorder:
-    """Stores each finished section and emits its metrics; store failures are collected."""
+    """Stores each finished section and emits its metrics; store failures are collected.
+
+    A family with a `merge_previous` hook sees the stored latest section first, and what it
+    returns is what gets recorded (and returned by run_and_record).
+    """
 
     store: ResultStore | None
     metrics: MetricsSink | None
-    store_errors: list[str]
+    store_errors: list[str] = field(default_factory=list)
+    recorded: dict[str, Section] = field(default_factory=dict)
 
     def __call__(self, name: str, section: Section) -> None:
+        merge = family_hook(name, "merge_previous")
+        if merge is not None and self.store is not None:
+            try:
+                section = merge(self.store.latest().get(name), section)
+            except StoreUnavailable as exc:
+                self.store_errors.append(str(exc))
+        self.recorded[name] = section
         if self.metrics is not None:
             self.metrics.section(name, section)
         if self.store is not None:
@@ -127,7 +139,9 @@ def run_and_record(
     *,
     max_seconds: float | None = None,
 ) -> tuple[dict[str, Section], list[str]]:
-    """Run, store and measure; returns the sections and any store errors."""
-    recorder = Recorder(store, metrics, [])
+    """Run, store and measure; returns the recorded sections and any store errors."""
+    recorder = Recorder(store, metrics)
     sections = run_families(settings, families, max_seconds=max_seconds, on_done=recorder)
-    return sections, recorder.store_errors
+    return {name: recorder.recorded.get(name, s) for name, s in sections.items()}, (
+        recorder.store_errors
+    )

@@ -1,5 +1,10 @@
 """The check families: one module each, each exposing `probe(settings, deadline) -> Section`.
 
+Besides `probe`, a family module may define hooks, found by name with `family_hook`:
+`section_metrics` and `item_metrics` (see deployhealth.metrics), and
+`merge_previous(previous, section) -> Section`, called with the stored latest section before
+a new one is recorded (the websocket family carries its idle verdict over with it).
+
 Modules are imported on first use so that the API function, which only reads stored
 results, does not pay for the probes' dependencies at cold start.
 """
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 from deployhealth.deadline import Deadline
 from deployhealth.model import Section
@@ -16,7 +22,7 @@ from deployhealth.settings import Settings
 Probe = Callable[[Settings, Deadline], Section]
 
 # Families in report order. Later families are added here and in template.yaml.
-FAMILIES: tuple[str, ...] = ("access_url", "database")
+FAMILIES: tuple[str, ...] = ("access_url", "database", "websocket")
 
 
 def get_probe(family: str) -> Probe:
@@ -25,3 +31,12 @@ def get_probe(family: str) -> Probe:
     module = importlib.import_module(f"deployhealth.checks.{family}")
     probe: Probe = module.probe
     return probe
+
+
+def family_hook(family: str, hook: str) -> Callable[..., Any] | None:
+    """A family module's optional hook, or None (also for an unknown family)."""
+    if family not in FAMILIES:
+        return None
+    module = importlib.import_module(f"deployhealth.checks.{family}")
+    found: Callable[..., Any] | None = getattr(module, hook, None)
+    return found

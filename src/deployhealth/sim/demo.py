@@ -35,6 +35,8 @@ Break it (checks run every {interval:g} s; /readyz follows within one round):
   curl -X POST '{sim}/_sim/faults?healthz=hang'       # server accepts, never answers
   curl -X POST '{sim}/_sim/faults?database=down'      # PostgreSQL stopped
   curl -X POST '{sim}/_sim/faults?database=slow'      # ~40 ms per round trip
+  curl -X POST '{sim}/_sim/faults?websocket=refuse'   # a proxy refuses WebSocket upgrades
+  curl -X POST '{sim}/_sim/faults?websocket=wrong-echo' # something rewrites WebSocket traffic
   curl -X POST '{sim}/_sim/faults?reset'              # everything healthy again
 
 Ctrl-C stops everything.
@@ -72,6 +74,7 @@ def run_demo(port: int, interval: float) -> int:
     settings = Settings(
         name="demo",
         access_url=sim.url,
+        coder_token=Secret(sim.token),
         database_url=Secret(database_url),
         check_interval_seconds=interval,
         store=StoreLocation("sqlite", path=str(workdir / "results.db")),
