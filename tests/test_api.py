@@ -28,6 +28,7 @@ import requests
 from deployhealth.api import ApiContext, create_app
 from deployhealth.api.app import ApiApp, valid_proxy_response
 from deployhealth.api.local import MAX_BODY_BYTES, LocalApiServer
+from deployhealth.checks import FAMILIES
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import SECTION_NAMES, Finding, Section, Severity, rfc3339
 from deployhealth.settings import Secret, Settings, SettingsError, StoreLocation
@@ -572,7 +573,7 @@ def test_report_force_runs_every_family_now_and_stores_it(
     # Stored: the family results are the latest and in the history.
     assert api.store is not None
     latest = api.store.latest()
-    assert set(latest) == {"access_url", "database"}
+    assert set(latest) == set(FAMILIES)
     assert all(s.checked_at >= before for s in latest.values())
     history = api.get("/api/v2/debug/health/history?section=access_url").json()
     assert len(history["results"]) == 1

@@ -22,7 +22,14 @@ from deployhealth.settings import Settings
 Probe = Callable[[Settings, Deadline], Section]
 
 # Families in report order. Later families are added here and in template.yaml.
-FAMILIES: tuple[str, ...] = ("access_url", "database", "websocket")
+FAMILIES: tuple[str, ...] = (
+    "access_url",
+    "database",
+    "websocket",
+    "workspace_proxy",
+    "provisioner_daemons",
+    "entitlements",
+)
 
 
 def get_probe(family: str) -> Probe:

@@ -1,0 +1,217 @@
+"""provisioner_daemons: are daemons taking jobs, and do they speak the server's version?
+
+The daemons come from the inventory (`deployhealth.inventory`); the server's version and
+provisioner API version from `GET <access_url>/api/v2/buildinfo`, as Coder's own check
+compares them. Only daemons seen within the last 90 s count (a daemon never seen does not).
+
+- EPD01 (error): no daemon seen within 90 s; the message says how many stale ones exist.
+- EPD02 (warning): a daemon's major.minor differs from the server's. Patch levels and build
+  metadata are ignored; a `v0.0.0` or `-devel` build on either side always matches.
+- EPD03 (warning): a daemon's provisioner API major version differs from the server's.
+- EUNKNOWN (error): a daemon's version or API version does not parse, as in Coder; and,
+  deployhealth's own cases, the inventory or the server's buildinfo could not be read (the
+  versions are then not compared, but EPD01 is still judged when the inventory was read).
+
+Each item carries its daemon's own findings in `warnings`, as Coder's report does; the
+section lists them again, with the daemon's name, in `warnings` or `error`. There is no
+`healthy` key. `ProvisionerDaemonsActive` (metric) is the number of items.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from deployhealth.deadline import Deadline
+from deployhealth.inventory import CoderAPI, InventoryError, ProvisionerDaemon, open_inventory
+from deployhealth.metrics import Datum, MetricUnit
+from deployhealth.model import Finding, Section, Severity, rfc3339, utcnow
+from deployhealth.settings import Settings
+
+ACTIVE_WINDOW = timedelta(seconds=90)
+
+# Go's semver as Coder uses it (a leading "v"), made lenient on the "v" only.
+_SEMVER = re.compile(
+    r"^v?(?P<major>0|[1-9]\d*)\.(?P<minor>0|[1-9]\d*)\.(?P<patch>0|[1-9]\d*)"
+    r"(?:-(?P<pre>[0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$"
+)
+_API_VERSION = re.compile(r"^(?P<major>\d+)\.(?P<minor>\d+)$")
+
+
+class _Version:
+    def __init__(self, text: str) -> None:
+        match = _SEMVER.match(text.strip())
+        if match is None:
+            raise ValueError(text)
+        self.text = text
+        self.major = int(match["major"])
+        self.minor = int(match["minor"])
+        self.dev = (self.major, self.minor, int(match["patch"])) == (0, 0, 0) or (
+            "devel" in (match["pre"] or "")
+        )
+
+    def matches(self, other: _Version) -> bool:
+        # A development build says nothing about compatibility: Coder's VersionsMatch.
+        if self.dev or other.dev:
+            return True
+        return (self.major, self.minor) == (other.major, other.minor)
+
+
+def _api_major(text: str) -> int:
+    match = _API_VERSION.match(text.strip())
+    if match is None:
+        raise ValueError(text)
+    return int(match["major"])
+
+
+def probe(settings: Settings, deadline: Deadline) -> Section:
+    source = settings.inventory_source
+    try:
+        inventory = open_inventory(settings)
+        try:
+            daemons = inventory.provisioner_daemons(deadline)
+        finally:
+            inventory.close()
+    except InventoryError as exc:
+        message = f"cannot read the provisioner daemons ({source} inventory): {exc}"
+        return Section.from_findings(
+            [Finding("EUNKNOWN", message, Severity.ERROR)], {"items": []}, healthy_key=False
+        )
+
+    findings: list[Finding] = []
+    server, server_api = _server_versions(settings, deadline, findings)
+    now = utcnow()
+    active = sorted(
+        (d for d in daemons if d.last_seen_at and now - d.last_seen_at <= ACTIVE_WINDOW),
+        key=lambda d: (d.name, d.id),
+    )
+    items: list[dict[str, Any]] = []
+    for daemon in active:
+        own = _judge(daemon, server, server_api)
+        findings += own
+        items.append(
+            {
+                "provisioner_daemon": daemon.to_dict(),
+                "warnings": [{"code": f.code, "message": f.message} for f in own],
+            }
+        )
+    if not active:
+        findings.insert(0, Finding("EPD01", _none_active(daemons), Severity.ERROR))
+    return Section.from_findings(findings, {"items": items}, healthy_key=False)
+
+
+def _server_versions(
+    settings: Settings, deadline: Deadline, findings: list[Finding]
+) -> tuple[_Version | None, int | None]:
+    """The server's version and API major, each None (with an EUNKNOWN) when unknown."""
+    api = CoderAPI(settings.access_url, None)
+    try:
+        info = api.buildinfo(deadline)
+    except InventoryError as exc:
+        findings.append(
+            Finding(
+                "EUNKNOWN",
+                f"cannot read the server's version ({exc}): daemon versions are not compared",
+                Severity.ERROR,
+            )
+        )
+        return None, None
+    finally:
+        api.close()
+    server: _Version | None = None
+    server_api: int | None = None
+    version = str(info.get("version") or "")
+    api_version = str(info.get("provisioner_api_version") or "")
+    try:
+        server = _Version(version)
+    except ValueError:
+        findings.append(
+            Finding(
+                "EUNKNOWN",
+                f"the server reports version {version!r}, which does not parse: daemon "
+                "versions are not compared",
+                Severity.ERROR,
+            )
+        )
+    try:
+        server_api = _api_major(api_version)
+    except ValueError:
+        findings.append(
+            Finding(
+                "EUNKNOWN",
+                f"the server reports provisioner API version {api_version!r}, which does not "
+                "parse: daemon API versions are not compared",
+                Severity.ERROR,
+            )
+        )
+    return server, server_api
+
+
+def _judge(
+    daemon: ProvisionerDaemon, server: _Version | None, server_api: int | None
+) -> list[Finding]:
+    name = daemon.name or daemon.id
+    found: list[Finding] = []
+    try:
+        version = _Version(daemon.version)
+    except ValueError:
+        found.append(
+            Finding(
+                "EUNKNOWN",
+                f"provisioner daemon {name!r} reports version {daemon.version!r}, which does "
+                "not parse as a semantic version",
+                Severity.ERROR,
+            )
+        )
+    else:
+        if server is not None and not version.matches(server):
+            found.append(
+                Finding(
+                    "EPD02",
+                    f"provisioner daemon {name!r} runs {daemon.version}, the server runs "
+                    f"{server.text}: their major.minor versions differ",
+                    Severity.WARNING,
+                )
+            )
+    try:
+        api_major = _api_major(daemon.api_version)
+    except ValueError:
+        found.append(
+            Finding(
+                "EUNKNOWN",
+                f"provisioner daemon {name!r} reports API version {daemon.api_version!r}, "
+                "which does not parse as MAJOR.MINOR",
+                Severity.ERROR,
+            )
+        )
+    else:
+        if server_api is not None and api_major != server_api:
+            found.append(
+                Finding(
+                    "EPD03",
+                    f"provisioner daemon {name!r} speaks provisioner API {daemon.api_version}, "
+                    f"major version {api_major}; the server's major version is {server_api}",
+                    Severity.WARNING,
+                )
+            )
+    return found
+
+
+def _none_active(daemons: list[ProvisionerDaemon]) -> str:
+    message = "no provisioner daemon was seen within the last 90 s: workspace builds will queue"
+    seen = [d.last_seen_at for d in daemons if d.last_seen_at is not None]
+    if not daemons:
+        return message + " (the deployment has no provisioner daemons)"
+    if not seen:
+        return message + f" ({len(daemons)} known, never seen)"
+    # The time, not "N s ago": two runs a moment apart must say the same thing.
+    return message + f" ({len(daemons)} known; the most recent was seen at {rfc3339(max(seen))})"
+
+
+def section_metrics(section: Section) -> Iterator[Datum]:
+    """ProvisionerDaemonsActive: the daemons seen within 90 s."""
+    items = section.details.get("items")
+    if isinstance(items, list):
+        yield Datum("ProvisionerDaemonsActive", MetricUnit.Count, float(len(items)))

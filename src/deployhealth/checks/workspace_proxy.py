@@ -1,0 +1,353 @@
+"""workspace_proxy: `GET <proxy url>/healthz-report` on every workspace proxy, concurrently.
+
+The proxies come from the inventory (`deployhealth.inventory`); deleted ones and the primary
+are left out. Each registered proxy is probed once with a 5 s budget (clipped by the family
+deadline), at most `settings.proxy_concurrency` at a time, with `netguard.fetch` on one
+asyncio loop: a proxy URL that is, or resolves to, a link-local or metadata address is
+refused before any connection, the connection goes to the vetted address, and a proxy that
+trickles its answer is cut off when its budget ends. At most 256 KiB of a report is read.
+asyncio rather than a thread pool running requests: for 500 proxies, threads spent about
+1 ms of GIL-bound CPU per request and took four to five times as long
+(benchmarks/bench_proxies.py).
+
+Classification (checks.md): `unregistered` (no URL), `ok` (200, JSON `{"errors": [],
+"warnings": [...]}`), `unhealthy` (anything else that answered, a refused or unparseable
+URL), `unreachable` (DNS, connect, TLS, timeout). Two choices the contract leaves open:
+
+- A probe cut short by the *family* deadline (its budget was under 5 s when it started, and
+  it timed out) did not finish: the proxy is listed under EWP01 with status `unknown`
+  (metric -3) instead of being called unreachable for a timeout shorter than its own.
+  Proxies not started before the deadline are listed the same way. Unprobed proxies do not
+  count in the verdict (unknown is not broken): the section is at least a warning by EWP01.
+- A URL refused by the address guard is `unhealthy` (the registered URL is wrong), and an
+  unregistered proxy carries one error saying it has no URL, so that every proxy that is
+  not `ok` says why in `error` or `warnings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from deployhealth.deadline import Deadline
+from deployhealth.inventory import InventoryError, Proxy, coder_error_text, open_inventory
+from deployhealth.metrics import Datum, MetricUnit
+from deployhealth.model import Finding, Section, Severity, rfc3339, utcnow
+from deployhealth.netguard import (
+    BlockedAddressError,
+    Fetched,
+    FetchError,
+    GuardError,
+    IPNetwork,
+    client_tls_context,
+    fetch,
+    networks,
+)
+from deployhealth.settings import Settings
+
+PROBE_TIMEOUT_SECONDS = 5.0
+REPORT_CAP = 256 * 1024
+REPORT_PATH = "/healthz-report"
+# Probes end this long before the family deadline, and results are collected until
+# COLLECT_MARGIN before it, so that the section is built and returned in time.
+PROBE_MARGIN_SECONDS = 0.25
+COLLECT_MARGIN_SECONDS = 0.1
+BUILD_VERSION_HEADER = "X-Coder-Build-Version"
+USER_AGENT = "deployhealth/0.1 (+workspace_proxy check)"
+
+STATUS_METRIC = {"ok": 1, "unhealthy": -1, "unreachable": -2, "unregistered": 0, "unknown": -3}
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass
+class _Outcome:
+    status: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    checked_at: datetime = field(default_factory=utcnow)
+
+
+def probe(settings: Settings, deadline: Deadline) -> Section:
+    allowance = deadline.remaining()
+    probing = Deadline(deadline.at - PROBE_MARGIN_SECONDS)
+    source = settings.inventory_source
+    details: dict[str, Any] = {"workspace_proxies": {"regions": []}}
+    try:
+        inventory = open_inventory(settings)
+        try:
+            proxies = inventory.proxies(probing)
+        finally:
+            inventory.close()
+    except InventoryError as exc:
+        finding = Finding(
+            "EWP02", f"cannot read the workspace proxies ({source} inventory): {exc}",
+            Severity.ERROR,
+        )
+        return Section.from_findings([finding], details, healthy=False)
+
+    proxies.sort(key=lambda p: (p.created_at or _EPOCH, p.name))
+    collect = Deadline(deadline.at - COLLECT_MARGIN_SECONDS)
+    # Outcomes are keyed by position: a static list need not give its proxies ids.
+    outcomes = _probe_all(proxies, settings, probing, collect)
+    regions = [_region(p, outcomes.get(n, _Outcome("unknown"))) for n, p in enumerate(proxies)]
+    details["workspace_proxies"] = {"regions": regions}
+    return _verdict(proxies, outcomes, regions, allowance)
+
+
+def _probe_all(
+    proxies: list[Proxy], settings: Settings, probing: Deadline, collect: Deadline
+) -> dict[int, _Outcome]:
+    outcomes: dict[int, _Outcome] = {}
+    registered: dict[int, Proxy] = {}
+    for n, proxy in enumerate(proxies):
+        if proxy.url.strip():
+            registered[n] = proxy
+        else:
+            outcomes[n] = _Outcome(
+                "unregistered",
+                errors=["has no URL: the proxy was created but has never registered (started)"],
+            )
+    if registered:
+        outcomes.update(asyncio.run(_probe_many(registered, settings, probing, collect)))
+    return outcomes
+
+
+async def _probe_many(
+    proxies: dict[int, Proxy], settings: Settings, probing: Deadline, collect: Deadline
+) -> dict[int, _Outcome]:
+    gate = asyncio.Semaphore(concurrency(settings))
+    allowed = networks(settings.ssrf_allow)
+    tls: ssl.SSLContext | None = None
+    if any(p.url.strip().lower().startswith("https:") for p in proxies.values()):
+        # Once: loading the CA store costs milliseconds. A bad bundle is left for each
+        # https probe to report as its TLS failure.
+        with contextlib.suppress(GuardError):
+            tls = client_tls_context()
+
+    async def one(proxy: Proxy) -> _Outcome | None:
+        async with gate:
+            return await _probe_one(proxy, probing, allowed, tls)
+
+    tasks = {asyncio.create_task(one(p)): n for n, p in proxies.items()}
+    done, late = await asyncio.wait(tasks, timeout=collect.remaining())
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    outcomes: dict[int, _Outcome] = {}
+    for task in done:
+        outcome = task.result()  # a bug here is the runner's EUNKNOWN, not a proxy status
+        if outcome is not None:
+            outcomes[tasks[task]] = outcome
+    return outcomes
+
+
+def concurrency(settings: Settings) -> int:
+    """`proxy_concurrency`, kept to half the process's file-descriptor limit.
+
+    Each probe holds one socket; a default that suits Lambda (1024 descriptors) must not
+    turn into "Too many open files" on a laptop whose limit is 256.
+    """
+    wanted = max(1, settings.proxy_concurrency)
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return wanted
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return wanted
+    return max(1, min(wanted, soft // 2))
+
+
+def _report_url(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(url)
+    _ = parts.port  # raises ValueError on a port that is not a number
+    path = parts.path.rstrip("/") + REPORT_PATH
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+async def _probe_one(
+    proxy: Proxy,
+    probing: Deadline,
+    allowed: tuple[IPNetwork, ...],
+    tls: ssl.SSLContext | None,
+) -> _Outcome | None:
+    """One proxy's outcome; None when it was not (fully) probed before the family deadline."""
+    try:
+        url = _report_url(proxy.url)
+    except ValueError:
+        return _Outcome(
+            "unhealthy",
+            errors=[f"the proxy URL {proxy.url!r} does not parse as an absolute http(s) URL"],
+        )
+    if probing.expired:
+        return None
+    cap = min(PROBE_TIMEOUT_SECONDS, probing.remaining())
+    truncated = cap < PROBE_TIMEOUT_SECONDS
+    checked_at = utcnow()
+    try:
+        answer = await fetch(
+            url,
+            probing.sooner(cap),
+            headers={"Accept": "application/json"},
+            cap=REPORT_CAP,
+            allowed=allowed,
+            tls=tls,
+            user_agent=USER_AGENT,
+        )
+    except BlockedAddressError as exc:
+        return _Outcome("unhealthy", errors=[str(exc)], checked_at=checked_at)
+    except FetchError as exc:
+        if exc.timed_out and truncated:
+            return None
+        return _Outcome("unreachable", errors=[str(exc)], checked_at=checked_at)
+    except GuardError as exc:
+        return _Outcome("unhealthy", errors=[str(exc)], checked_at=checked_at)
+    return _classify(url, answer, checked_at)
+
+
+def _classify(url: str, answer: Fetched, checked_at: datetime) -> _Outcome:
+    status, reason, body, more = answer.status, answer.reason, answer.body, answer.truncated
+    content_type = answer.headers.get("content-type", "")
+    build = answer.headers.get(BUILD_VERSION_HEADER.lower(), "")
+
+    def unhealthy(message: str) -> _Outcome:
+        return _Outcome("unhealthy", errors=[message], checked_at=checked_at)
+
+    if status != 200:
+        said = coder_error_text(body)
+        if said is None:
+            excerpt = body[:200].decode("utf-8", "replace").strip()
+            said = f"body {excerpt!r}" if excerpt else "empty body"
+        return unhealthy(
+            f"GET {url} answered {status} {reason}".rstrip()
+            + f": {said} (try it by hand: curl -i {url})"
+        )
+    report = None if more else _parse_report(body)
+    if report is None and build:
+        return unhealthy(
+            f"GET {url} answered 200 with {BUILD_VERSION_HEADER} {build} but no proxy health "
+            "report: it is a Coder server but not a workspace proxy (is the primary's URL "
+            "registered as a proxy?)"
+        )
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        return unhealthy(
+            f"GET {url} answered 200 with content type {content_type or 'none'!r}, not "
+            "application/json: it is not a workspace proxy's health report"
+        )
+    if report is None:
+        size = f"more than {REPORT_CAP} bytes" if more else f"{_excerpt(body)!r}"
+        return unhealthy(
+            f"GET {url} answered 200 with {size}, not a health report "
+            '{"errors": [...], "warnings": [...]}: the URL is not a workspace proxy'
+        )
+    errors, warnings = report
+    return _Outcome("unhealthy" if errors else "ok", errors, warnings, checked_at)
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[:80].decode("utf-8", "replace").strip()
+    return text + ("..." if len(body) > 80 else "")
+
+
+def _parse_report(body: bytes) -> tuple[list[str], list[str]] | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or "errors" not in data or "warnings" not in data:
+        return None
+    errors, warnings = data["errors"] or [], data["warnings"] or []
+    if not isinstance(errors, list) or not isinstance(warnings, list):
+        return None
+    return [str(e) for e in errors], [str(w) for w in warnings]
+
+
+def _region(proxy: Proxy, outcome: _Outcome) -> dict[str, Any]:
+    return {
+        "id": proxy.id,
+        "name": proxy.name,
+        "display_name": proxy.display_name,
+        "icon_url": proxy.icon_url,
+        "healthy": outcome.status == "ok",
+        "path_app_url": proxy.url,
+        "wildcard_hostname": proxy.wildcard_hostname,
+        "derp_enabled": proxy.derp_enabled,
+        "derp_only": proxy.derp_only,
+        "status": {
+            "status": outcome.status,
+            "report": {"errors": list(outcome.errors), "warnings": list(outcome.warnings)},
+            "checked_at": rfc3339(outcome.checked_at),
+        },
+        "created_at": None if proxy.created_at is None else rfc3339(proxy.created_at),
+        "updated_at": None if proxy.updated_at is None else rfc3339(proxy.updated_at),
+        "deleted": proxy.deleted,
+        "version": proxy.version,
+    }
+
+
+def _verdict(
+    proxies: list[Proxy],
+    outcomes: dict[int, _Outcome],
+    regions: list[dict[str, Any]],
+    allowance: float,
+) -> Section:
+    probed = list(outcomes.values())
+    ok = [o for o in probed if o.status == "ok"]
+    if not probed or (len(ok) == len(probed) and not any(o.warnings for o in ok)):
+        severity = Severity.OK
+    elif not ok:
+        severity = Severity.ERROR
+    else:
+        severity = Severity.WARNING
+    # A proxy's error is a warning entry unless the whole section is at error (checks.md).
+    error_level = Severity.ERROR if severity is Severity.ERROR else Severity.WARNING
+    findings: list[Finding] = []
+    for n, proxy in enumerate(proxies):
+        outcome = outcomes.get(n)
+        if outcome is None:
+            continue
+        findings += [Finding("EWP04", f"{proxy.name}: {e}", error_level) for e in outcome.errors]
+        findings += [
+            Finding("EWP04", f"{proxy.name}: {w}", Severity.WARNING) for w in outcome.warnings
+        ]
+    unprobed = [p.name for n, p in enumerate(proxies) if n not in outcomes]
+    if unprobed:
+        findings.append(
+            Finding(
+                "EWP01",
+                f"{len(unprobed)} of {len(proxies)} workspace proxies were not probed before the "
+                f"family deadline ({allowance:.1f} s): "
+                + ", ".join(unprobed),
+                Severity.WARNING,
+            )
+        )
+        severity = Severity.worst([severity, Severity.WARNING])
+    section = Section.from_findings(
+        findings,
+        {"workspace_proxies": {"regions": regions}},
+        healthy=severity is not Severity.ERROR,
+    )
+    section.severity = severity
+    return section
+
+
+def item_metrics(section: Section) -> Iterator[tuple[dict[str, str], list[Datum]]]:
+    """ProxyStatus per proxy: 1 ok, -1 unhealthy, -2 unreachable, 0 unregistered, -3 unknown."""
+    regions = (section.details.get("workspace_proxies") or {}).get("regions") or []
+    for region in regions:
+        status = (region.get("status") or {}).get("status", "unknown")
+        value = STATUS_METRIC.get(status, STATUS_METRIC["unknown"])
+        yield {"Proxy": str(region.get("name", ""))}, [
+            Datum("ProxyStatus", MetricUnit.Count, float(value))
+        ]

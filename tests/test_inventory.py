@@ -1,0 +1,300 @@
+"""The inventory's three sources read one simulated deployment the same way.
+
+The `api` source talks to the simulated Coder server over HTTP; the `database` source reads
+the same deployment written into a fresh database of the session's real PostgreSQL; the
+`static` source reads the settings' lists.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from deployhealth.checks import entitlements, provisioner_daemons, workspace_proxy
+from deployhealth.deadline import Deadline
+from deployhealth.inventory import (
+    ApiInventory,
+    CoderAPI,
+    DatabaseInventory,
+    InventoryError,
+    StaticInventory,
+    open_inventory,
+)
+from deployhealth.model import Section
+from deployhealth.settings import Secret, Settings
+from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
+from deployhealth.sim.inventory import inventory_of, seed_database
+from deployhealth.sim.postgres import LocalPostgres
+from deployhealth.sim.tcp import free_port
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatedDeployment]:
+    with SimulatedDeployment() as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def pg(local_postgres: object) -> LocalPostgres:
+    assert isinstance(local_postgres, LocalPostgres)
+    return local_postgres
+
+
+@pytest.fixture
+def coder_db(pg: LocalPostgres) -> Iterator[tuple[str, Callable[[str], object]]]:
+    """A fresh database for Coder's tables: (its URL, a function that runs SQL in it)."""
+    name = f"coder_{uuid.uuid4().hex[:12]}"
+    pg.execute(f"CREATE DATABASE {name}")
+
+    def execute(sql: str) -> object:
+        conn = pg.connect(database=name)
+        try:
+            return conn.run(sql)
+        finally:
+            conn.close()
+
+    url = (
+        f"postgresql://{quote(pg.user, safe='')}:{quote(pg.password, safe='')}"
+        f"@127.0.0.1:{pg.port}/{name}?sslmode=disable"
+    )
+    yield url, execute
+    pg.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def api_settings(sim: SimulatedDeployment, **overrides: Any) -> Settings:
+    return Settings(access_url=sim.url, coder_token=Secret(sim.token)).with_overrides(**overrides)
+
+
+def db_settings(sim: SimulatedDeployment, url: str, **overrides: Any) -> Settings:
+    return api_settings(sim, database_url=Secret(url), inventory="database").with_overrides(
+        **overrides
+    )
+
+
+def soon() -> Deadline:
+    return Deadline.after(10.0)
+
+
+# --- choosing the source ------------------------------------------------------------
+
+
+def test_default_source_follows_what_is_configured() -> None:
+    token = Settings(coder_token=Secret("t"), database_url=Secret("postgresql://u:p@h/db"))
+    assert isinstance(open_inventory(token), ApiInventory)
+    database = Settings(database_url=Secret("postgresql://u:p@h/db"))
+    assert isinstance(open_inventory(database), DatabaseInventory)
+    assert isinstance(open_inventory(Settings()), StaticInventory)
+    chosen = token.with_overrides(inventory="static")
+    assert isinstance(open_inventory(chosen), StaticInventory)
+
+
+def test_database_source_without_a_database_says_so() -> None:
+    with pytest.raises(InventoryError, match="needs a database"):
+        open_inventory(Settings(inventory="database"))
+
+
+# --- api ----------------------------------------------------------------------------
+
+
+def test_api_source_reads_proxies_daemons_and_replicas(sim: SimulatedDeployment) -> None:
+    inventory = open_inventory(api_settings(sim))
+    try:
+        proxies = inventory.proxies(soon())
+        daemons = inventory.provisioner_daemons(soon())
+        replicas = inventory.replicas(soon())
+    finally:
+        inventory.close()
+    # The primary (listed first by Coder) and the deleted proxy are not workspace proxies.
+    assert sorted(p.name for p in proxies) == ["eu", "us"]
+    eu = next(p for p in proxies if p.name == "eu")
+    assert eu.url.startswith("http://127.0.0.1:") and eu.display_name == "Europe"
+    assert eu.created_at is not None and eu.created_at.tzinfo is not None
+    # One daemon in each of the two organizations.
+    assert sorted(d.name for d in daemons) == ["provisioner-coder", "provisioner-research"]
+    assert len({d.organization_id for d in daemons}) == 2
+    assert all(d.version == CODER_VERSION and d.api_version == "1.1" for d in daemons)
+    assert all(d.provisioners == ("echo", "terraform") for d in daemons)
+    assert [r.hostname for r in replicas] == ["coder-0"]
+    assert replicas[0].database_latency_us == 1500
+    # Coder's API does not say these; the replica counts as live.
+    assert replicas[0].version is None and replicas[0].updated_at is None
+    assert replicas[0].is_live()
+
+
+def test_api_errors_carry_coders_message(sim: SimulatedDeployment) -> None:
+    inventory = open_inventory(api_settings(sim, coder_token=Secret("not-the-token")))
+    with pytest.raises(InventoryError) as caught:
+        inventory.proxies(soon())
+    text = str(caught.value)
+    assert "/api/v2/workspaceproxies answered 401 Unauthorized" in text
+    assert "You are signed out or your session has expired" in text
+    assert "API key is invalid" in text
+    assert "not-the-token" not in text
+
+
+def test_api_unreachable_names_the_request(sim: SimulatedDeployment) -> None:
+    api = CoderAPI(f"http://127.0.0.1:{free_port()}", "token-1234")
+    try:
+        with pytest.raises(InventoryError, match=r"/api/v2/replicas failed: connection refused"):
+            api.get_json("/api/v2/replicas", soon())
+    finally:
+        api.close()
+
+
+def test_api_without_token_is_refused_before_asking(sim: SimulatedDeployment) -> None:
+    api = CoderAPI(sim.url, None)
+    try:
+        with pytest.raises(InventoryError, match="needs a Coder API token"):
+            api.entitlements(soon())
+        # buildinfo needs none.
+        assert api.buildinfo(soon())["version"] == CODER_VERSION
+    finally:
+        api.close()
+
+
+# --- database -----------------------------------------------------------------------
+
+
+def test_database_source_reads_the_same_deployment(
+    sim: SimulatedDeployment, coder_db: tuple[str, Callable[[str], object]]
+) -> None:
+    url, execute = coder_db
+    inventory_of(sim).touch()
+    seed_database(sim, execute)
+    api = open_inventory(api_settings(sim))
+    db = open_inventory(db_settings(sim, url))
+    try:
+        assert isinstance(db, DatabaseInventory)
+        by_name = {p.name: p for p in api.proxies(soon())}
+        assert {p.name: p for p in db.proxies(soon())} == by_name
+        assert sorted(db.provisioner_daemons(soon()), key=lambda d: d.name) == sorted(
+            api.provisioner_daemons(soon()), key=lambda d: d.name
+        )
+        rows = db.replicas(soon())
+    finally:
+        api.close()
+        db.close()
+    # The database also has a stopped, a crashed and a proxy's replica: none is live.
+    assert sorted(r.hostname for r in rows) == [
+        "coder-0", "coder-crashed", "coder-old", "proxy-eu-0",
+    ]
+    live = [r for r in rows if r.is_live()]
+    assert [r.hostname for r in live] == ["coder-0"]
+    assert live[0].version == CODER_VERSION and live[0].updated_at is not None
+
+
+def test_database_source_reports_a_missing_table(
+    sim: SimulatedDeployment, coder_db: tuple[str, Callable[[str], object]]
+) -> None:
+    url, _execute = coder_db
+    inventory = open_inventory(db_settings(sim, url))
+    try:
+        with pytest.raises(InventoryError) as caught:
+            inventory.proxies(soon())
+    finally:
+        inventory.close()
+    assert 'relation "workspace_proxies" does not exist' in str(caught.value)
+
+
+def test_database_source_unreachable_hides_the_password(pg: LocalPostgres) -> None:
+    url = (
+        f"postgresql://{pg.user}:{quote(pg.password, safe='')}@127.0.0.1:{free_port()}"
+        "/coder?sslmode=disable"
+    )
+    inventory = open_inventory(Settings(database_url=Secret(url), inventory="database"))
+    with pytest.raises(InventoryError) as caught:
+        inventory.replicas(soon())
+    text = str(caught.value)
+    assert "refused" in text and pg.password not in text
+
+
+# --- static -------------------------------------------------------------------------
+
+
+def test_static_source_reads_the_settings_lists() -> None:
+    now = datetime.now(UTC)
+    settings = Settings(
+        static_proxies=(
+            {"name": "primary", "path_app_url": "https://coder.example.com"},
+            {"id": "p1", "name": "eu", "path_app_url": "https://eu.example.com"},
+            {"id": "p2", "name": "gone", "path_app_url": "https://x.example.com",
+             "deleted": True},
+        ),
+        static_provisioner_daemons=(
+            {"name": "p1", "version": "v2.18.1", "api_version": "1.1",
+             "last_seen_at": now.isoformat(), "tags": {"scope": "organization"}},
+        ),
+        static_replicas=(
+            {"hostname": "coder-0", "primary": True, "updated_at": now.isoformat()},
+            {"hostname": "coder-1", "primary": True,
+             "updated_at": (now - timedelta(minutes=2)).isoformat()},
+        ),
+    )
+    inventory = open_inventory(settings)
+    assert [p.name for p in inventory.proxies(soon())] == ["eu"]
+    (daemon,) = inventory.provisioner_daemons(soon())
+    assert daemon.last_seen_at is not None and daemon.tags == {"scope": "organization"}
+    assert [r.hostname for r in inventory.replicas(soon()) if r.is_live()] == ["coder-0"]
+
+
+def test_static_source_with_a_bad_time_says_which() -> None:
+    settings = Settings(static_replicas=({"hostname": "coder-0", "updated_at": "yesterday"},))
+    with pytest.raises(InventoryError, match="replica 'coder-0' updated_at"):
+        open_inventory(settings).replicas(soon())
+
+
+# --- the same sections from the api and the database ---------------------------------
+
+
+def comparable(section: Section, drop: frozenset[str] = frozenset()) -> Any:
+    """The section's JSON without what differs from run to run (times of the run)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: strip(v)
+                for k, v in value.items()
+                if k not in {"checked_at", "duration_ms", *drop}
+            }
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(section.to_dict())
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {"proxy": "ok", "provisioners": "ok", "replicas": "one"},
+        {"proxy": "errors", "provisioners": "old-version", "replicas": "two-no-ha"},
+        {"proxy": "unregistered", "provisioners": "stale", "replicas": "replica-error"},
+    ],
+    ids=["healthy", "degraded", "broken"],
+)
+def test_api_and_database_give_the_same_sections(
+    sim: SimulatedDeployment,
+    coder_db: tuple[str, Callable[[str], object]],
+    faults: dict[str, str],
+) -> None:
+    url, execute = coder_db
+    sim.set_faults(faults)
+    inventory_of(sim).touch()
+    seed_database(sim, execute)
+    from_api = api_settings(sim)
+    from_db = db_settings(sim, url)
+    for family in (workspace_proxy, provisioner_daemons):
+        api_section = family.probe(from_api, soon())
+        db_section = family.probe(from_db, soon())
+        assert comparable(db_section) == comparable(api_section), family.__name__
+    # Coder's replicas API has no version or update time; everything else is the same.
+    api_section = entitlements.probe(from_api, soon())
+    db_section = entitlements.probe(from_db, soon())
+    drop = frozenset({"version", "updated_at"})
+    assert comparable(db_section, drop) == comparable(api_section, drop)
+    assert db_section.codes == api_section.codes

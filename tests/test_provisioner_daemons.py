@@ -1,0 +1,232 @@
+"""provisioner_daemons: every code from the simulated deployment's daemons, over HTTP or SQL."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from deployhealth.checks.provisioner_daemons import probe
+from deployhealth.deadline import Deadline
+from deployhealth.metrics import MetricsSink
+from deployhealth.model import Section, Severity
+from deployhealth.settings import Secret, Settings
+from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
+from deployhealth.sim.inventory import inventory_of, seed_database
+from deployhealth.sim.postgres import LocalPostgres
+from deployhealth.sim.tcp import free_port
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatedDeployment]:
+    with SimulatedDeployment() as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def coder_db(local_postgres: object) -> Iterator[tuple[str, Callable[[str], object]]]:
+    pg = local_postgres
+    assert isinstance(pg, LocalPostgres)
+    name = f"coder_{uuid.uuid4().hex[:12]}"
+    pg.execute(f"CREATE DATABASE {name}")
+
+    def execute(sql: str) -> object:
+        conn = pg.connect(database=name)
+        try:
+            return conn.run(sql)
+        finally:
+            conn.close()
+
+    yield (
+        f"postgresql://{quote(pg.user, safe='')}:{quote(pg.password, safe='')}"
+        f"@127.0.0.1:{pg.port}/{name}?sslmode=disable",
+        execute,
+    )
+    pg.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def api_settings(sim: SimulatedDeployment, **overrides: Any) -> Settings:
+    return Settings(access_url=sim.url, coder_token=Secret(sim.token)).with_overrides(**overrides)
+
+
+def run(settings: Settings) -> Section:
+    return probe(settings, Deadline.after(10.0))
+
+
+def set_fault(sim: SimulatedDeployment, name: str, mode: str) -> None:
+    request = urllib.request.Request(f"{sim.url}/_sim/faults?{name}={mode}", method="POST")
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert json.load(answer)[name] == mode
+
+
+def names(section: Section) -> list[str]:
+    return [i["provisioner_daemon"]["name"] for i in section.to_dict()["items"]]
+
+
+def daemon(name: str, version: str, api_version: str = "1.1", seen: float = 5.0) -> dict[str, Any]:
+    when = datetime.now(UTC) - timedelta(seconds=seen)
+    return {"id": f"id-{name}", "name": name, "version": version, "api_version": api_version,
+            "last_seen_at": when.isoformat(), "provisioners": ["terraform"], "tags": {}}
+
+
+def static(sim: SimulatedDeployment, *daemons: dict[str, Any]) -> Settings:
+    return Settings(access_url=sim.url, static_provisioner_daemons=daemons)
+
+
+# --- the simulated deployment -----------------------------------------------------------
+
+
+def test_fresh_daemons_on_the_servers_version(sim: SimulatedDeployment) -> None:
+    section = run(api_settings(sim))
+    assert section.severity is Severity.OK and section.codes == []
+    data = section.to_dict()
+    assert "healthy" not in data  # as in Coder's report
+    assert names(section) == ["provisioner-coder", "provisioner-research"]
+    item = data["items"][0]
+    assert item["warnings"] == []
+    assert set(item["provisioner_daemon"]) == {
+        "id", "organization_id", "key_id", "created_at", "last_seen_at", "name", "version",
+        "api_version", "provisioners", "tags",
+    }
+    assert item["provisioner_daemon"]["version"] == CODER_VERSION
+    assert item["provisioner_daemon"]["provisioners"] == ["echo", "terraform"]
+    json.dumps(data)
+
+
+@pytest.mark.parametrize("mode", ["none", "stale"])
+def test_no_daemon_seen_within_90_s_is_epd01(sim: SimulatedDeployment, mode: str) -> None:
+    set_fault(sim, "provisioners", mode)
+    section = run(api_settings(sim))
+    assert section.codes == ["EPD01"] and section.severity is Severity.ERROR
+    assert section.to_dict()["items"] == []
+    text = section.error or ""
+    assert "no provisioner daemon was seen within the last 90 s" in text
+    if mode == "stale":
+        assert "2 known; the most recent was seen at " in text
+    else:
+        assert "the deployment has no provisioner daemons" in text
+
+
+def test_older_minor_version_is_epd02(sim: SimulatedDeployment) -> None:
+    set_fault(sim, "provisioners", "old-version")
+    section = run(api_settings(sim))
+    assert section.codes == ["EPD02"] and section.severity is Severity.WARNING
+    (warning,) = section.warnings
+    assert warning.message == (
+        f"provisioner daemon 'provisioner-research' runs v2.16.4, the server runs "
+        f"{CODER_VERSION}: their major.minor versions differ"
+    )
+    items = {i["provisioner_daemon"]["name"]: i for i in section.to_dict()["items"]}
+    assert items["provisioner-research"]["warnings"] == [
+        {"code": "EPD02", "message": warning.message}
+    ]
+    assert items["provisioner-coder"]["warnings"] == []
+
+
+def test_other_api_major_version_is_epd03(sim: SimulatedDeployment) -> None:
+    set_fault(sim, "provisioners", "old-api")
+    section = run(api_settings(sim))
+    assert section.codes == ["EPD03"] and section.severity is Severity.WARNING
+    assert "speaks provisioner API 0.9, major version 0; the server's major version is 1" in (
+        section.warnings[0].message
+    )
+
+
+def test_unparseable_version_is_eunknown(sim: SimulatedDeployment) -> None:
+    set_fault(sim, "provisioners", "bad-version")
+    section = run(api_settings(sim))
+    assert section.codes == ["EUNKNOWN"] and section.severity is Severity.ERROR
+    assert "'provisioner-research' reports version 'latest', which does not parse" in (
+        section.error or ""
+    )
+    research = section.to_dict()["items"][1]
+    assert research["warnings"][0]["code"] == "EUNKNOWN"
+
+
+def test_database_source_gives_the_same_verdict(
+    sim: SimulatedDeployment, coder_db: tuple[str, Callable[[str], object]]
+) -> None:
+    url, execute = coder_db
+    set_fault(sim, "provisioners", "old-version")
+    inventory_of(sim).touch()
+    seed_database(sim, execute)
+    settings = Settings(access_url=sim.url, database_url=Secret(url))  # database by default
+    assert settings.inventory_source == "database"
+    section = run(settings)
+    assert section.codes == ["EPD02"]
+    assert names(section) == ["provisioner-coder", "provisioner-research"]
+
+
+# --- versions -------------------------------------------------------------------------
+
+
+def test_patch_and_build_metadata_do_not_matter(sim: SimulatedDeployment) -> None:
+    section = run(static(sim, daemon("a", "v2.18.0"), daemon("b", "2.18.7+abc")))
+    assert section.codes == []
+
+
+def test_dev_builds_always_match(sim: SimulatedDeployment) -> None:
+    section = run(static(sim, daemon("dev", "v0.0.0-devel+1234abc"), daemon("zero", "v0.0.0")))
+    assert section.codes == []
+
+
+def test_newer_major_is_a_mismatch_and_bad_api_version_is_eunknown(
+    sim: SimulatedDeployment,
+) -> None:
+    section = run(static(sim, daemon("new", "v3.0.0"), daemon("odd", "v2.18.1", "one")))
+    assert sorted(section.codes) == ["EPD02", "EUNKNOWN"]
+    assert "'odd' reports API version 'one', which does not parse" in (section.error or "")
+
+
+def test_only_daemons_seen_within_90_s_count(sim: SimulatedDeployment) -> None:
+    section = run(
+        static(
+            sim,
+            daemon("b-fresh", "v2.18.1", seen=10),
+            daemon("a-fresh", "v2.18.1", seen=80),
+            daemon("stale", "v2.16.0", seen=100),
+            {"name": "never", "version": "v2.18.1", "api_version": "1.1"},
+        )
+    )
+    assert section.codes == []  # the stale daemon's old version does not count either
+    assert names(section) == ["a-fresh", "b-fresh"]
+
+
+def test_unreadable_buildinfo_is_eunknown_but_epd01_still_judged() -> None:
+    settings = Settings(access_url=f"http://127.0.0.1:{free_port()}")
+    section = run(settings)  # static source, no daemons
+    assert sorted(section.codes) == ["EPD01", "EUNKNOWN"]
+    assert "cannot read the server's version" in (section.error or "")
+    assert "daemon versions are not compared" in (section.error or "")
+
+
+def test_unreadable_inventory_is_eunknown(sim: SimulatedDeployment) -> None:
+    section = run(api_settings(sim, coder_token=Secret("expired-token-9")))
+    assert section.codes == ["EUNKNOWN"]
+    text = section.error or ""
+    assert "cannot read the provisioner daemons (api inventory)" in text
+    assert "401 Unauthorized" in text and "expired-token-9" not in text
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def test_active_daemons_metric(sim: SimulatedDeployment) -> None:
+    stream = io.StringIO()
+    record = MetricsSink("DeployHealth", "coder", stream).section(
+        "provisioner_daemons", run(api_settings(sim))
+    )
+    assert record["ProvisionerDaemonsActive"] == [2.0]
+    set_fault(sim, "provisioners", "none")
+    record = MetricsSink("DeployHealth", "coder", None).section(
+        "provisioner_daemons", run(api_settings(sim))
+    )
+    assert record["ProvisionerDaemonsActive"] == [0.0]
+    assert record["SectionSeverity"] == [2]
