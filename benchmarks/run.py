@@ -6,6 +6,9 @@
    against a bare `store.latest()` (target <= 1.5x): readiness adds little to its one read.
 3. Import time of the API handler module, against the interpreter's bare start
    (target <= 300 ms), and the modules that dominate it.
+4. The derp family over 20 nodes each 50 ms away, against one node (target <= 1.5x).
+5. The workspace_proxy family over 500 proxies answering after 200 ms, against one proxy
+   (target <= 3x), and its peak memory.
 
 Everything runs on 127.0.0.1: a simulated deployment, a real PostgreSQL, moto's DynamoDB.
 """
@@ -22,7 +25,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Siblings: `python benchmarks/run.py` puts this folder first on sys.path.
+import bench_derp
+import bench_proxies
+
 ROOT = Path(__file__).resolve().parent.parent
+
 ROUNDS = 7
 READYZ_REQUESTS = 300
 
@@ -182,6 +190,10 @@ def main() -> int:
     bench_readyz()
     print()
     bench_import_time()
+    print()
+    bench_derp.bench()
+    print()
+    bench_proxies.bench()
     return 0
 
 

@@ -207,6 +207,28 @@ def test_serve_turns_readyz_503_within_one_round_of_a_fault_and_back(healthy_env
         assert server.stop() == 0
 
 
+def test_serve_fails_readyz_on_two_replicas_without_ha_and_recovers(healthy_env, sim, tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{tmp_path / 'r.db'}"}
+    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    try:
+        server.wait_for("round:")
+        assert readyz(base).status_code == 200
+
+        sim.set_faults({"replicas": "two-no-ha"})
+        server.next_round_started_after_now()
+        down = readyz(base)
+        assert down.status_code == 503
+        assert "[-]entitlements failed: EENT01" in down.text
+
+        sim.set_faults({"replicas": "one"})
+        server.next_round_started_after_now()
+        assert readyz(base).status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
 def test_serve_follows_the_database_going_down_and_coming_back(sim, tmp_path):
     from deployhealth.sim.postgres import LocalPostgres
 

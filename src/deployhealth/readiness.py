@@ -126,7 +126,8 @@ def _judge(
         )
     if not failing:
         return CheckStatus(name, "ok")
-    codes = tuple(dict.fromkeys(section.codes)) or ("no code",)
+    # A failing section without a code (a DERP region whose nodes failed) still says why.
+    codes = tuple(dict.fromkeys(section.codes)) or (f"severity {section.severity.value}",)
     if not section_failing(name, section):
         # Held failed by hysteresis while the newest result already passes.
         return CheckStatus(

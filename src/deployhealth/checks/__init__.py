@@ -26,6 +26,7 @@ FAMILIES: tuple[str, ...] = (
     "access_url",
     "database",
     "websocket",
+    "derp",
     "workspace_proxy",
     "provisioner_daemons",
     "entitlements",

@@ -37,6 +37,13 @@ Break it (checks run every {interval:g} s; /readyz follows within one round):
   curl -X POST '{sim}/_sim/faults?database=slow'      # ~40 ms per round trip
   curl -X POST '{sim}/_sim/faults?websocket=refuse'   # a proxy refuses WebSocket upgrades
   curl -X POST '{sim}/_sim/faults?websocket=wrong-echo' # something rewrites WebSocket traffic
+  curl -X POST '{sim}/_sim/faults?derp=websocket-only' # a proxy drops Upgrade: DERP: EDERP01
+  curl -X POST '{sim}/_sim/faults?derp=down'           # the relay answers 503
+  curl -X POST '{sim}/_sim/faults?stun=hard-nat'       # mapping varies by destination: ESTUN02
+  curl -X POST '{sim}/_sim/faults?stun=silent'         # UDP 3478 blocked: ESTUN01
+  curl -X POST '{sim}/_sim/faults?replicas=two-no-ha'  # two replicas, no HA licence: EENT01
+  curl -X POST '{sim}/_sim/faults?provisioners=none'   # no provisioner daemon: EPD01
+  curl -X POST '{sim}/_sim/faults?proxy=unreachable'   # a workspace proxy is down: EWP04
   curl -X POST '{sim}/_sim/faults?reset'              # everything healthy again
 
 Ctrl-C stops everything.
@@ -47,6 +54,7 @@ def run_demo(port: int, interval: float) -> int:
     from deployhealth.cli import serve
     from deployhealth.sim.deployment import SimulatedDeployment
     from deployhealth.sim.postgres import LocalPostgres, PostgresError
+    from deployhealth.sim.stun import servers_of
     from deployhealth.sim.tcp import DelayProxy
 
     workdir = Path(tempfile.mkdtemp(prefix="deployhealth-demo-"))
@@ -75,6 +83,7 @@ def run_demo(port: int, interval: float) -> int:
         name="demo",
         access_url=sim.url,
         coder_token=Secret(sim.token),
+        stun_servers=tuple(servers_of(sim)),
         database_url=Secret(database_url),
         check_interval_seconds=interval,
         store=StoreLocation("sqlite", path=str(workdir / "results.db")),
