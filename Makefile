@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/deployhealth demo
 
-test: $(STAMP)
+# The interop tests talk to real nginx and coturn; installed from Debian when missing.
+peers:
+	@bash scripts/install-peers
+
+test: $(STAMP) peers
 	$(BIN)/pytest
 
 lint: $(STAMP)
