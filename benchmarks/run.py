@@ -54,11 +54,13 @@ def bench_check_concurrency() -> None:
     from deployhealth.settings import Secret, Settings
     from deployhealth.sim.deployment import SimulatedDeployment
     from deployhealth.sim.postgres import LocalPostgres
+    from deployhealth.sim.stun import servers_of
     from deployhealth.sim.tcp import DelayProxy
 
-    # A deployment across a network, not on loopback: each hop is held by a delaying proxy
-    # (access URL 30 ms per packet, database 5 ms), so the families take tens of milliseconds,
-    # as they do in a region, and thread start-up noise does not decide the ratio.
+    # A deployment across a network, not on loopback: the access URL (and so the WebSocket,
+    # DERP and Coder API behind it) 30 ms per packet away, the database 5 ms, so the families
+    # take tens of milliseconds, as they do in a region, and thread start-up noise does not
+    # decide the ratio.
     with LocalPostgres() as postgres, SimulatedDeployment() as sim:
         http_port = int(sim.url.rsplit(":", 1)[1])
         with DelayProxy("127.0.0.1", http_port, 0.030) as web, DelayProxy(
@@ -67,7 +69,9 @@ def bench_check_concurrency() -> None:
             settings = Settings(
                 name="bench",
                 access_url=f"http://127.0.0.1:{web.port}",
+                coder_token=Secret(sim.token),
                 database_url=Secret(postgres.url.replace(f":{postgres.port}/", f":{db.port}/")),
+                stun_servers=tuple(servers_of(sim)),
             )
             run_families(settings)  # warm: imports, first connections
             singles = {
@@ -111,13 +115,13 @@ def bench_readyz() -> None:
         endpoint = f"http://{host}:{port}"
         store = DynamoDBStore("bench", "bench", 7.0, region="us-east-1", endpoint_url=endpoint)
         store.create_table()
-        for name in ("access_url", "database"):
-            store.put(name, Section(Severity.OK, details={"reachable": True}))
         settings = Settings(
             name="bench",
             store=StoreLocation("dynamodb", table="bench", region="us-east-1",
                                 endpoint_url=endpoint),
         )
+        for name in settings.gating_sections:
+            store.put(name, Section(Severity.OK, details={"reachable": True}))
         app = create_app(ApiContext(settings, store=store))
         event = build_event("GET", "/readyz", [("host", "bench")], b"", "127.0.0.1")
 

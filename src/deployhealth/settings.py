@@ -199,7 +199,7 @@ class Settings:
     static_proxies: tuple[Mapping[str, Any], ...] = ()
     static_provisioner_daemons: tuple[Mapping[str, Any], ...] = ()
     static_replicas: tuple[Mapping[str, Any], ...] = ()
-    proxy_concurrency: int = 256
+    proxy_concurrency: int = 512
 
     # --- derived values -------------------------------------------------------------
 
@@ -469,7 +469,7 @@ _SPECS: dict[str, _Spec] = {
     "STATIC_REPLICAS": _Spec(
         "static_replicas", _objects, '[{"hostname": "coder-0", "primary": true, ...}]'
     ),
-    "PROXY_CONCURRENCY": _Spec("proxy_concurrency", _integer(1), "256"),
+    "PROXY_CONCURRENCY": _Spec("proxy_concurrency", _integer(1), "512"),
 }
 # Per-family deadlines: DEPLOYHEALTH_<FAMILY>_DEADLINE_SECONDS.
 _DEADLINE_KEYS = {f"{f.upper()}_DEADLINE_SECONDS": f for f in SECTION_NAMES}
