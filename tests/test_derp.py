@@ -31,9 +31,10 @@ from cryptography.x509.oid import NameOID
 
 from deployhealth.checks.derp import go_duration, item_metrics, probe, section_metrics
 from deployhealth.deadline import Deadline
-from deployhealth.derpclient import DerpClient, NodeTarget, blocked_address_check
+from deployhealth.derpclient import DerpClient, NodeTarget
 from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Section, Severity
+from deployhealth.net import blocked_address_check
 from deployhealth.runner import run_probe
 from deployhealth.settings import Settings
 from deployhealth.sim.deployment import SimulatedDeployment

@@ -33,14 +33,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from deployhealth.deadline import Deadline
+from deployhealth.net import blocking_network, networks
 from deployhealth.netguard import (
     BlockedAddressError,
     FetchError,
     GuardedSession,
     UnvettedConnectionError,
-    blocking_network,
     fetch,
-    networks,
     read_capped,
 )
 from deployhealth.settings import BLOCKED_NETWORKS

@@ -20,18 +20,24 @@ link-local or instance-metadata ranges are refused unless allow-listed (product.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import os
 import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nacl.public import PrivateKey
 
-from deployhealth.checks.access_url import PhaseError, connect_tcp, resolve_host
 from deployhealth.deadline import Deadline, DeadlineExceeded
+from deployhealth.net import (
+    AddressCheck,
+    PhaseError,
+    authority,
+    connect_tcp,
+    error_text,
+    resolve_host,
+    tls_context,
+    tls_handshake,
+)
 from deployhealth.wire import derp as wire
 
 USER_AGENT = "deployhealth/0.1 (+derp check)"
@@ -43,7 +49,6 @@ _SHOWN_BODY = 200
 _KNOWN_TYPES = frozenset(t.value for t in wire.FrameType)
 
 Log = Callable[[str], None]
-AddressCheck = Callable[[str], str | None]  # an IP -> None when allowed, else why not
 
 
 class DerpError(Exception):
@@ -76,9 +81,7 @@ class NodeTarget:
 
     @property
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
+        return authority(self.host, self.port, self.scheme)
 
     @property
     def url(self) -> str:
@@ -317,27 +320,7 @@ def _timeout(deadline: Deadline, doing: str) -> float:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"{type(exc).__name__}: {exc}"
-
-
-def tls_context() -> ssl.SSLContext:
-    """Verified TLS; REQUESTS_CA_BUNDLE, else SSL_CERT_FILE, replaces the system store."""
-    names = ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
-    bundle = next((v for n in names if (v := os.environ.get(n, "").strip())), None)
-    try:
-        if bundle is None:
-            return ssl.create_default_context()
-        if os.path.isdir(bundle):
-            return ssl.create_default_context(capath=bundle)
-        return ssl.create_default_context(cafile=bundle)
-    except (OSError, ssl.SSLError) as exc:
-        raise DerpError("tls", f"cannot load the CA bundle {bundle!r}: {_describe(exc)}") from None
+    return "timed out" if isinstance(exc, TimeoutError) else error_text(exc)
 
 
 def _dial(target: NodeTarget, deadline: Deadline, check_address: AddressCheck) -> socket.socket:
@@ -345,7 +328,7 @@ def _dial(target: NodeTarget, deadline: Deadline, check_address: AddressCheck) -
     try:
         addresses = resolve_host(target.host, target.port, deadline)
     except PhaseError as exc:
-        raise DerpError("dns", str(exc).split(": ", 1)[-1]) from None
+        raise DerpError(exc.phase, exc.detail) from None
     allowed = []
     refused = []
     for family, sockaddr in addresses:
@@ -359,21 +342,14 @@ def _dial(target: NodeTarget, deadline: Deadline, check_address: AddressCheck) -
     try:
         sock = connect_tcp(allowed, deadline)
     except PhaseError as exc:
-        raise DerpError("connect", str(exc).split(": ", 1)[-1]) from None
+        raise DerpError(exc.phase, exc.detail) from None
     if target.scheme != "https":
         return sock
-    context = tls_context()
     try:
-        sock.settimeout(_timeout(deadline, "tls"))
-        tls = context.wrap_socket(sock, server_hostname=target.host)
-    except ssl.SSLCertVerificationError as exc:
+        return tls_handshake(sock, tls_context(), target.host, deadline)
+    except PhaseError as exc:
         sock.close()
-        reason = exc.verify_message or exc.reason or str(exc)
-        raise DerpError("tls", f"certificate verify failed: {reason}") from None
-    except (OSError, ssl.SSLError) as exc:
-        sock.close()
-        raise DerpError("tls", f"handshake failed: {_describe(exc)}") from None
-    return tls
+        raise DerpError(exc.phase, exc.detail) from None
 
 
 def _upgrade(
@@ -470,32 +446,3 @@ def _dial_websocket(
         sock.close()
         raise DerpError("websocket", f"{target.websocket_url}: {_describe(exc)}") from None
     return _WebSocketTransport(ws)
-
-
-def blocked_address_check(allow: tuple[str, ...], blocked: tuple[str, ...]) -> AddressCheck:
-    """Refuse link-local and instance-metadata addresses unless allow-listed."""
-    allowed_nets = [ipaddress.ip_network(n, strict=False) for n in allow]
-    blocked_nets = [ipaddress.ip_network(n, strict=False) for n in blocked]
-
-    def check(ip: str) -> str | None:
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return f"{ip} is not an IP address"
-        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
-        # ::ffff:169.254.169.254 reaches the IPv4 metadata service on a dual-stack socket.
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            candidates.append(address.ipv4_mapped)
-        for candidate in candidates:
-            if any(candidate.version == n.version and candidate in n for n in allowed_nets):
-                return None
-        for candidate in candidates:
-            for net in blocked_nets:
-                if candidate.version == net.version and candidate in net:
-                    return (
-                        f"refusing {address}: a link-local or instance-metadata address "
-                        f"({net}); allow it with DEPLOYHEALTH_SSRF_ALLOW"
-                    )
-        return None
-
-    return check

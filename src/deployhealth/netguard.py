@@ -4,7 +4,8 @@ A proxy URL or a DERP host comes from the watched deployment, not from the opera
 can register a workspace proxy can make deployhealth fetch any URL from inside the VPC. The
 one target that matters there is the instance-metadata service (credentials of the Lambda
 role), so link-local and metadata addresses (`settings.BLOCKED_NETWORKS`) are refused unless
-`settings.ssrf_allow` names them.
+`settings.ssrf_allow` names them. The rule itself, `net.blocking_network`, is shared with the
+DERP and STUN clients.
 
 The rule is one function, used twice: `vet(url)` / `vet_async(url)` resolve the host
 themselves (getaddrinfo, bounded by a timeout: the system call has none) and refuse, with a
@@ -58,14 +59,22 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from deployhealth.checks.access_url import PhaseError, _ca_bundle, _client_context, resolve_host
 from deployhealth.deadline import Deadline, DeadlineExceeded
+from deployhealth.net import (
+    DEFAULT_PORTS,
+    Address,
+    IPNetwork,
+    PhaseError,
+    authority,
+    blocking_network,
+    ca_bundle,
+    networks,
+    resolve_host,
+    show_sockaddr,
+    tls_context,
+)
 from deployhealth.settings import BLOCKED_NETWORKS, Settings
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = tuple[socket.AddressFamily, tuple[Any, ...]]
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _READ_SIZE = 16 * 1024
 
 
@@ -109,29 +118,6 @@ class UnvettedConnectionError(GuardError):
     """A connection was asked for a host and port this thread had not vetted."""
 
 
-def networks(specs: Iterable[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(s, strict=False) for s in specs)
-
-
-def blocking_network(
-    address: str, blocked: Sequence[IPNetwork], allowed: Sequence[IPNetwork] = ()
-) -> IPNetwork | None:
-    """The blocked network `address` falls in, or None when it may be fetched."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
-    # ::ffff:169.254.169.254 reaches the IPv4 metadata service on a dual-stack socket.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        candidates.append(ip.ipv4_mapped)
-    for candidate in candidates:
-        if any(candidate in net for net in allowed if net.version == candidate.version):
-            return None
-    for candidate in candidates:
-        for net in blocked:
-            if net.version == candidate.version and candidate in net:
-                return net
-    return None
-
-
 @dataclass(frozen=True)
 class Vetted:
     """A URL whose host resolved to `addresses`, every one of them allowed."""
@@ -151,10 +137,10 @@ def _target(url: str) -> tuple[str, str, int]:
     try:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+        port = parts.port or DEFAULT_PORTS.get(scheme, 0)
     except ValueError as exc:
         raise ResolveError(url, f"the URL does not parse: {exc}") from None
-    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
         raise ResolveError(url, "not an absolute http(s) URL")
     return scheme, _host_key(parts.hostname), port
 
@@ -191,8 +177,7 @@ def vet(
     try:
         found = resolve_host(host, port, budget)
     except PhaseError as exc:
-        detail = str(exc).removeprefix("timeout: ").removeprefix("dns: ")
-        raise ResolveError(url, detail, timed_out=exc.timed_out) from None
+        raise ResolveError(url, exc.detail, timed_out=exc.timed_out) from None
     return _check(url, host, port, found, _blocked(blocked), allowed)
 
 
@@ -226,7 +211,8 @@ async def _resolve_async(url: str, host: str, port: int, budget: Deadline) -> li
             raise ResolveError(url, f"cannot resolve {host}: {exc.strerror or exc}") from None
         return [(info[0], info[4]) for info in infos]
     # A daemon thread, not the loop's executor: asyncio.run() joins its executor on exit,
-    # and a resolver that hangs must not hold the family past its deadline.
+    # and a resolver that hangs must not hold the family past its deadline. Nor
+    # net.getaddrinfo_within: it blocks the calling thread, here the loop, while it waits.
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[list[Address]] = loop.create_future()
 
@@ -336,9 +322,9 @@ async def _open(
     context = None
     if scheme == "https":
         try:
-            context = tls if tls is not None else _client_context()
+            context = tls if tls is not None else tls_context()
         except PhaseError as exc:
-            raise FetchError(url, "tls", str(exc).removeprefix("tls: ")) from None
+            raise FetchError(url, "tls", exc.detail) from None
     failures: list[str] = []
     for family, sockaddr in vetted.addresses:
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -352,7 +338,7 @@ async def _open(
             what = "connection refused" if isinstance(exc, ConnectionRefusedError) else (
                 exc.strerror or str(exc)
             )
-            failures.append(f"{_show(sockaddr)}: {what}")
+            failures.append(f"{show_sockaddr(sockaddr)}: {what}")
             continue
         except BaseException:
             sock.close()
@@ -370,14 +356,6 @@ async def _open(
     raise FetchError(url, "connect", "; ".join(failures))
 
 
-def client_tls_context() -> ssl.SSLContext:
-    """Verified TLS with the system store, or REQUESTS_CA_BUNDLE / SSL_CERT_FILE when set."""
-    try:
-        return _client_context()
-    except PhaseError as exc:
-        raise GuardError(str(exc)) from None
-
-
 def _request_bytes(
     url: str,
     host: str,
@@ -388,10 +366,8 @@ def _request_bytes(
 ) -> bytes:
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    shown_host = f"[{host}]" if ":" in host else host
-    authority = shown_host if port == _DEFAULT_PORTS[scheme] else f"{shown_host}:{port}"
     lines = {
-        "Host": authority,
+        "Host": authority(host, port, scheme),
         "User-Agent": user_agent,
         "Accept": "*/*",
         "Accept-Encoding": "identity",
@@ -494,11 +470,11 @@ class _PinnedConnectionMixin:
             except TimeoutError:
                 sock.close()
                 raise ConnectTimeoutError(
-                    self, f"connection to {_show(sockaddr)} timed out after {timeout:.1f} s"
+                    self, f"connection to {show_sockaddr(sockaddr)} timed out after {timeout:.1f} s"
                 ) from None
             except OSError as exc:
                 sock.close()
-                failures.append(f"{_show(sockaddr)}: {exc.strerror or exc}")
+                failures.append(f"{show_sockaddr(sockaddr)}: {exc.strerror or exc}")
                 continue
             return sock
         raise NewConnectionError(
@@ -544,11 +520,6 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
             "http": _PinnedHTTPPool,
             "https": _PinnedHTTPSPool,
         }
-
-
-def _show(sockaddr: tuple[Any, ...]) -> str:
-    host = str(sockaddr[0])
-    return f"[{host}]:{sockaddr[1]}" if ":" in host else f"{host}:{sockaddr[1]}"
 
 
 # --- the watchdog ---------------------------------------------------------------------
@@ -681,7 +652,7 @@ class GuardedSession:
                 allow_redirects=False,
                 # trust_env is off (for the proxies' sake), so the CA bundle variables that
                 # access_url and fetch() honour are passed on here.
-                verify=_ca_bundle() or True,
+                verify=ca_bundle() or True,
             )
         finally:
             _pins.current = None

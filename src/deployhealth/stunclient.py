@@ -11,22 +11,19 @@ local socket show it.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import selectors
 import socket
-import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from deployhealth.deadline import Deadline
+from deployhealth.net import AddressCheck, LookupTimeout, getaddrinfo_within, host_port
 from deployhealth.wire import stun as wire
 
 TRY_SECONDS = 2.0
 TRIES = 3
 _DATAGRAM = 2048
-
-AddressCheck = Callable[[str], str | None]
 
 
 @dataclass(frozen=True)
@@ -38,8 +35,7 @@ class StunTarget:
 
     @property
     def shown(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def name(self) -> str:
@@ -60,8 +56,7 @@ class StunResult:
     def mapped(self) -> str | None:
         if self.mapped_ip is None:
             return None
-        ip = f"[{self.mapped_ip}]" if ":" in self.mapped_ip else self.mapped_ip
-        return f"{ip}:{self.mapped_port}"
+        return host_port(self.mapped_ip, self.mapped_port)
 
     @property
     def answered(self) -> bool:
@@ -209,35 +204,26 @@ def _collect(
 def _resolve(
     target: StunTarget, deadline: Deadline, check_address: AddressCheck
 ) -> tuple[tuple[socket.AddressFamily, tuple[str, int] | tuple[str, int, int, int]] | None, str]:
-    """The address to send to (IPv4 preferred, as netcheck's first probe), or why none."""
+    """The address to send to (IPv4 preferred, as netcheck's first probe), or why none.
+
+    Not net.resolve_host: this wants UDP addresses, has the whole deadline rather than one
+    operation's cap, and answers with a reason instead of raising (probe_all never raises).
+    """
+    host = target.host
     try:
-        ipaddress.ip_address(target.host)
-        literal = True
-    except ValueError:
-        literal = False
-    outcome: list[object] = []
-    done = threading.Event()
-
-    def lookup() -> None:
-        try:
-            outcome.append(socket.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM))
-        except BaseException as exc:
-            outcome.append(exc)
-        finally:
-            done.set()
-
-    if literal:
-        lookup()
-    else:
-        # getaddrinfo cannot time out; a slow resolver is left behind on a daemon thread.
-        threading.Thread(target=lookup, name=f"stun-dns-{target.host}", daemon=True).start()
-        if not done.wait(max(0.0, deadline.remaining())):
-            return None, f"looking up {target.host} did not finish before the deadline"
-    found = outcome[0]
-    if isinstance(found, socket.gaierror):
-        return None, f"cannot resolve {target.host}: {found.strerror or found}"
-    if isinstance(found, BaseException) or not isinstance(found, list):
-        return None, f"cannot resolve {target.host}: {found}"
+        found = getaddrinfo_within(
+            host,
+            target.port,
+            deadline.remaining(),
+            socktype=socket.SOCK_DGRAM,
+            thread_name=f"stun-dns-{host}",
+        )
+    except LookupTimeout:
+        return None, f"looking up {host} did not finish before the deadline"
+    except socket.gaierror as exc:
+        return None, f"cannot resolve {host}: {exc.strerror or exc}"
+    except Exception as exc:
+        return None, f"cannot resolve {host}: {exc}"
     refused: list[str] = []
     candidates = []
     for family, _type, _proto, _name, sockaddr in found:
@@ -248,6 +234,6 @@ def _resolve(
             refused.append(why)
     if not candidates:
         reason = "; ".join(dict.fromkeys(refused)) or "no address"
-        return None, f"{target.host}: {reason}"
+        return None, f"{host}: {reason}"
     candidates.sort(key=lambda c: 0 if c[0] == socket.AF_INET else 1)
     return candidates[0], ""

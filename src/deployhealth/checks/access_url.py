@@ -30,10 +30,8 @@ Behaviour worth knowing:
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +42,20 @@ from urllib.parse import quote, urljoin, urlsplit
 from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity, parse_rfc3339, rfc3339
+from deployhealth.net import (
+    DEFAULT_PORTS,
+    CertificateVerifyError,
+    PhaseError,
+    authority,
+    connect_tcp,
+    error_text,
+    phase_timeout,
+    resolve_host,
+    show_sockaddr,
+    tls_context,
+    tls_handshake,
+    unverified_tls_context,
+)
 from deployhealth.settings import Settings
 
 REQUEST_TIMEOUT_SECONDS = 5.0
@@ -55,19 +67,8 @@ USER_AGENT = "deployhealth/0.1 (+access_url check)"
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _PROXY_STATUSES = frozenset({502, 503, 504})
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _RECV_SIZE = 16 * 1024
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~?"
-
-
-class PhaseError(Exception):
-    """A request failed in one phase; `str()` is the EACS03 message, starting with the phase."""
-
-    def __init__(self, phase: str, detail: str, *, timed_out: bool = False) -> None:
-        self.phase = phase
-        self.timed_out = timed_out
-        text = f"timeout: {phase}: {detail}" if timed_out else f"{phase}: {detail}"
-        super().__init__(text)
 
 
 @dataclass
@@ -83,10 +84,7 @@ class _Target:
 
     @property
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.port == _DEFAULT_PORTS[self.scheme]:
-            return host
-        return f"{host}:{self.port}"
+        return authority(self.host, self.port, self.scheme)
 
 
 @dataclass
@@ -136,7 +134,7 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         while True:
             exchange = _Exchange()
             if target.scheme == "https" and context is None:
-                context = _client_context()
+                context = tls_context()
             response = _request(target, context, budget, exchange)
             location = response.headers.get("location")
             if response.status not in _REDIRECTS or not location:
@@ -199,7 +197,7 @@ def _parse(url: str) -> _Target:
     example = "expected an absolute http(s) URL such as https://coder.example.com"
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
+    if scheme not in DEFAULT_PORTS:
         shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
         raise ValueError(f"access URL {url!r} has {shown}: {example}")
     if not parts.hostname:
@@ -208,7 +206,7 @@ def _parse(url: str) -> _Target:
     if host is None:
         raise ValueError(f"access URL {url!r} has a host that is not a valid name: {example}")
     try:
-        port = parts.port or _DEFAULT_PORTS[scheme]
+        port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError:
         raise ValueError(f"access URL {url!r} has an invalid port: {example}") from None
     if any(c.isspace() for c in parts.netloc):
@@ -234,13 +232,13 @@ def _redirect_target(current: _Target, location: str) -> _Target | None:
     """The next request of a same-host redirect, or None when it leads elsewhere."""
     parts = urlsplit(urljoin(current.url, location))
     scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
         return None
     host = _ascii_host(parts.hostname)
     if host is None or host.rstrip(".") != current.host.lower().rstrip("."):
         return None
     try:
-        port = parts.port or _DEFAULT_PORTS[scheme]
+        port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError:
         return None
     # Re-quoted so that a Location with raw non-ASCII characters still makes a valid request.
@@ -291,119 +289,6 @@ def _expiry(not_after: datetime, warning_days: float) -> Finding | None:
 # --- the client -------------------------------------------------------------------
 
 
-def _ca_bundle() -> str | None:
-    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    return None
-
-
-def _client_context() -> ssl.SSLContext:
-    bundle = _ca_bundle()
-    try:
-        if bundle is None:
-            return ssl.create_default_context()
-        if os.path.isdir(bundle):
-            return ssl.create_default_context(capath=bundle)
-        return ssl.create_default_context(cafile=bundle)
-    except (OSError, ssl.SSLError) as exc:
-        raise PhaseError("tls", f"cannot load the CA bundle {bundle!r}: {exc}") from None
-
-
-def _unverified_context() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _timeout(budget: Deadline, phase: str) -> float:
-    try:
-        return budget.timeout(REQUEST_TIMEOUT_SECONDS)
-    except DeadlineExceeded:
-        raise PhaseError(phase, "no time left before it could start", timed_out=True) from None
-
-
-def resolve_host(
-    host: str, port: int, budget: Deadline
-) -> list[tuple[socket.AddressFamily, tuple[Any, ...]]]:
-    """getaddrinfo under a timeout; raises PhaseError("dns", ...).
-
-    getaddrinfo itself cannot time out, so a lookup that outlasts the budget is left to
-    finish on a daemon thread while the probe reports the timeout.
-    """
-    try:
-        ipaddress.ip_address(host)
-        literal = True
-    except ValueError:
-        literal = False
-    timeout = _timeout(budget, "dns")
-    outcome: list[Any] = []
-    done = threading.Event()
-
-    def lookup() -> None:
-        try:
-            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except BaseException as exc:
-            outcome.append(exc)
-        finally:
-            done.set()
-
-    if literal:
-        lookup()
-    else:
-        threading.Thread(target=lookup, name=f"dns-{host}", daemon=True).start()
-        if not done.wait(timeout):
-            raise PhaseError(
-                "dns", f"looking up {host} took longer than {timeout:.1f} s", timed_out=True
-            )
-    result = outcome[0]
-    if isinstance(result, socket.gaierror):
-        raise PhaseError("dns", f"cannot resolve {host}: {result.strerror or result}")
-    if isinstance(result, BaseException):
-        raise PhaseError("dns", f"cannot resolve {host}: {type(result).__name__}: {result}")
-    addresses = [(family, sockaddr) for family, _t, _p, _c, sockaddr in result]
-    if not addresses:
-        raise PhaseError("dns", f"{host} has no address")
-    return addresses
-
-
-def connect_tcp(
-    addresses: list[tuple[socket.AddressFamily, tuple[Any, ...]]], budget: Deadline
-) -> socket.socket:
-    """Connect to the first address that accepts; raises PhaseError("connect", ...)."""
-    failures: list[str] = []
-    for family, sockaddr in addresses:
-        where = _show(sockaddr)
-        timeout = _timeout(budget, "connect")
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-        except TimeoutError:
-            sock.close()
-            raise PhaseError(
-                "connect", f"{where} did not accept within {timeout:.1f} s", timed_out=True
-            ) from None
-        except ConnectionRefusedError:
-            sock.close()
-            failures.append(f"{where} refused the connection")
-            continue
-        except OSError as exc:
-            sock.close()
-            failures.append(f"{where}: {exc.strerror or exc}")
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    raise PhaseError("connect", "; ".join(failures))
-
-
-def _show(sockaddr: tuple[Any, ...]) -> str:
-    host = str(sockaddr[0])
-    return f"[{host}]:{sockaddr[1]}" if ":" in host else f"{host}:{sockaddr[1]}"
-
-
 def _request(
     target: _Target, context: ssl.SSLContext | None, budget: Deadline, exchange: _Exchange
 ) -> _Response:
@@ -416,7 +301,7 @@ def _request(
     mark = time.monotonic()
     sock: socket.socket = connect_tcp(addresses, budget)
     timings["connect"] = time.monotonic() - mark
-    peer = _show(sock.getpeername())
+    peer = show_sockaddr(sock.getpeername())
     try:
         if context is not None:
             mark = time.monotonic()
@@ -430,12 +315,12 @@ def _request(
             "Connection: close\r\n\r\n"
         ).encode("ascii", errors="strict")
         try:
-            sock.settimeout(_timeout(budget, "sending the request"))
+            sock.settimeout(phase_timeout(budget, "sending the request"))
             sock.sendall(request)
         except TimeoutError:
             raise PhaseError("sending the request", f"{peer} stalled", timed_out=True) from None
         except OSError as exc:
-            raise PhaseError("sending the request", f"{peer}: {_oserror(exc)}") from None
+            raise PhaseError("sending the request", f"{peer}: {error_text(exc)}") from None
         return _read_response(sock, budget, timings, time.monotonic())
     finally:
         sock.close()
@@ -448,24 +333,11 @@ def _handshake(
     budget: Deadline,
     exchange: _Exchange,
 ) -> ssl.SSLSocket:
-    timeout = _timeout(budget, "tls")
-    sock.settimeout(timeout)
-    tls = context.wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
     try:
-        tls.do_handshake()
-    except TimeoutError:
-        tls.close()
-        raise PhaseError(
-            "tls", f"the handshake did not finish within {timeout:.1f} s", timed_out=True
-        ) from None
-    except ssl.SSLCertVerificationError as exc:
-        tls.close()
+        tls = tls_handshake(sock, context, target.host, budget)
+    except CertificateVerifyError:
         exchange.not_after = _peek_not_after(target, budget)
-        reason = exc.verify_message or exc.reason or str(exc)
-        raise PhaseError("tls", f"certificate verify failed: {reason}") from None
-    except (ssl.SSLError, OSError) as exc:
-        tls.close()
-        raise PhaseError("tls", f"handshake failed: {_oserror(exc)}") from None
+        raise
     der = tls.getpeercert(binary_form=True)
     if der:
         exchange.not_after = not_after_from_der(der)
@@ -480,21 +352,13 @@ def _peek_not_after(target: _Target, budget: Deadline) -> datetime | None:
         return None
     try:
         sock.settimeout(budget.timeout(REQUEST_TIMEOUT_SECONDS))
-        with _unverified_context().wrap_socket(sock, server_hostname=target.host) as tls:
+        with unverified_tls_context().wrap_socket(sock, server_hostname=target.host) as tls:
             der = tls.getpeercert(binary_form=True)
     except (OSError, DeadlineExceeded):
         return None
     finally:
         sock.close()
     return not_after_from_der(der) if der else None
-
-
-def _oserror(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"{type(exc).__name__}: {exc}"
 
 
 class _Reader:
@@ -511,7 +375,7 @@ class _Reader:
         """Read once more; False at end of stream."""
         if self.eof:
             return False
-        timeout = _timeout(self.budget, self.phase)
+        timeout = phase_timeout(self.budget, self.phase)
         try:
             self.sock.settimeout(timeout)
             chunk = self.sock.recv(_RECV_SIZE)
@@ -520,7 +384,7 @@ class _Reader:
                 self.phase, f"nothing received for {timeout:.1f} s", timed_out=True
             ) from None
         except OSError as exc:
-            raise PhaseError(self.phase, _oserror(exc)) from None
+            raise PhaseError(self.phase, error_text(exc)) from None
         if not chunk:
             self.eof = True
             return False

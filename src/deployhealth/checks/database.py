@@ -32,10 +32,10 @@ from typing import Any
 import pg8000.exceptions
 import pg8000.native
 
-from deployhealth.checks.access_url import PhaseError, connect_tcp, resolve_host
 from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity
+from deployhealth.net import PhaseError, connect_tcp, resolve_host, unverified_tls_context
 from deployhealth.redact import Redactor
 from deployhealth.settings import DatabaseTarget, Settings, SettingsError
 
@@ -242,10 +242,7 @@ def _tls_context(mode: str) -> ssl.SSLContext:
             raise _ProbeFailure(f"TLS: cannot load PGSSLROOTCERT {root!r}: {exc}") from None
         context.check_hostname = mode == "verify-full"
         return context
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
+    return unverified_tls_context()
 
 
 # --- measuring -----------------------------------------------------------------------

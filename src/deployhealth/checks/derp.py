@@ -38,15 +38,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from deployhealth.deadline import Deadline, DeadlineExceeded
-from deployhealth.derpclient import (
-    AddressCheck,
-    DerpClient,
-    DerpError,
-    NodeTarget,
-    blocked_address_check,
-)
+from deployhealth.derpclient import DerpClient, DerpError, NodeTarget
 from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity
+from deployhealth.net import AddressCheck, blocked_address_check
 from deployhealth.settings import BLOCKED_NETWORKS, Settings
 from deployhealth.stunclient import StunResult, StunRun, StunTarget, probe_all
 from deployhealth.wire import derp as wire

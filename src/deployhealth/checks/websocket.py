@@ -46,7 +46,7 @@ The client. websocket-client frames the messages, but the opening handshake is d
 its own handshake reads a refused answer's body whole, whatever its length (every body
 this project reads is capped), follows redirects to any host through its own unbounded
 DNS lookup, and keeps a process-wide cookie jar. Here the handshake is one GET with a
-capped head and body, through the access_url family's DNS and connect helpers (so a
+capped head and body, through deployhealth.net's DNS, connect and TLS helpers (so a
 lookup that hangs is bounded, too); a redirect is reported as the refused handshake it is.
 TLS is verified against the system store or, as with requests, the CA bundle named by
 `REQUESTS_CA_BUNDLE`, else `SSL_CERT_FILE`, read on every probe. Every socket operation
@@ -71,7 +71,6 @@ import hashlib
 import json
 import os
 import socket
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,10 +81,20 @@ from urllib.parse import urlsplit
 import websocket
 from websocket import ABNF
 
-from deployhealth.checks.access_url import PhaseError, connect_tcp, resolve_host
 from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity, parse_rfc3339, rfc3339, utcnow
+from deployhealth.net import (
+    DEFAULT_PORTS,
+    PhaseError,
+    authority,
+    connect_tcp,
+    error_text,
+    phase_timeout,
+    resolve_host,
+    tls_context,
+    tls_handshake,
+)
 from deployhealth.settings import Settings, SettingsError
 
 PATH = "/api/v2/debug/ws"
@@ -102,7 +111,6 @@ IDLE_MESSAGE = "3"
 USER_AGENT = "deployhealth/0.1 (+websocket check)"
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _IDLE_KEYS = (
     "idle_seconds",
     "idle_seconds_configured",
@@ -132,9 +140,7 @@ class _Target:
 
     @property
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = _DEFAULT_PORTS["https" if self.tls else "http"]
-        return host if self.port == default else f"{host}:{self.port}"
+        return authority(self.host, self.port, "https" if self.tls else "http")
 
     @property
     def url(self) -> str:
@@ -211,13 +217,13 @@ def _parse(url: str) -> _Target:
     example = "expected an absolute http(s) URL such as https://coder.example.com"
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
+    if scheme not in DEFAULT_PORTS:
         shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
         raise ValueError(f"access URL {url!r} has {shown}: {example}")
     if not parts.hostname or any(c.isspace() for c in parts.netloc):
         raise ValueError(f"access URL {url!r} has no usable host: {example}")
     try:
-        port = parts.port or _DEFAULT_PORTS[scheme]
+        port = parts.port or DEFAULT_PORTS[scheme]
         host = parts.hostname if ":" in parts.hostname else parts.hostname.encode("idna").decode()
     except (ValueError, UnicodeError):
         raise ValueError(f"access URL {url!r} has an invalid host or port: {example}") from None
@@ -233,7 +239,7 @@ def _dial(
     sock: socket.socket = connect_tcp(resolve_host(target.host, target.port, budget), budget)
     try:
         if target.tls:
-            sock = _tls(sock, target, budget)
+            sock = tls_handshake(sock, tls_context(), target.host, budget)
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {PATH} HTTP/1.1",
@@ -248,12 +254,12 @@ def _dial(
             lines.append(f"Coder-Session-Token: {token}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
-            sock.settimeout(_op_timeout(budget, "sending the upgrade request"))
+            sock.settimeout(phase_timeout(budget, "sending the upgrade request"))
             sock.sendall(request)
         except TimeoutError:
             raise PhaseError("sending the upgrade request", "stalled", timed_out=True) from None
         except OSError as exc:
-            raise PhaseError("sending the upgrade request", _os_text(exc)) from None
+            raise PhaseError("sending the upgrade request", error_text(exc)) from None
         status, reason, headers = _read_head(sock, budget)
         details["code"] = status
         if status != 101:
@@ -271,61 +277,15 @@ def _dial(
     return ws
 
 
-def _ca_bundle() -> str | None:
-    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    return None
-
-
-def _tls(sock: socket.socket, target: _Target, budget: Deadline) -> ssl.SSLSocket:
-    bundle = _ca_bundle()
-    try:
-        if bundle is None:
-            context = ssl.create_default_context()
-        elif os.path.isdir(bundle):
-            context = ssl.create_default_context(capath=bundle)
-        else:
-            context = ssl.create_default_context(cafile=bundle)
-    except (OSError, ssl.SSLError) as exc:
-        raise PhaseError("tls", f"cannot load the CA bundle {bundle!r}: {exc}") from None
-    timeout = _op_timeout(budget, "tls")
-    sock.settimeout(timeout)
-    tls = context.wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
-    try:
-        tls.do_handshake()
-    except TimeoutError:
-        tls.close()
-        raise PhaseError(
-            "tls", f"the handshake did not finish within {timeout:.1f} s", timed_out=True
-        ) from None
-    except ssl.SSLCertVerificationError as exc:
-        tls.close()
-        reason = exc.verify_message or exc.reason or str(exc)
-        raise PhaseError("tls", f"certificate verify failed: {reason}") from None
-    except (ssl.SSLError, OSError) as exc:
-        tls.close()
-        raise PhaseError("tls", f"handshake failed: {_os_text(exc)}") from None
-    return tls
-
-
-def _op_timeout(budget: Deadline, phase: str) -> float:
-    try:
-        return budget.timeout(ECHO_TIMEOUT_SECONDS)
-    except DeadlineExceeded:
-        raise PhaseError(phase, "no time left before it could start", timed_out=True) from None
-
-
 def _recv_some(sock: socket.socket, budget: Deadline, phase: str, size: int) -> bytes:
-    timeout = _op_timeout(budget, phase)
+    timeout = phase_timeout(budget, phase)
     try:
         sock.settimeout(timeout)
         return sock.recv(size)
     except TimeoutError:
         raise PhaseError(phase, f"nothing received for {timeout:.1f} s", timed_out=True) from None
     except OSError as exc:
-        raise PhaseError(phase, _os_text(exc)) from None
+        raise PhaseError(phase, error_text(exc)) from None
 
 
 def _read_head(sock: socket.socket, budget: Deadline) -> tuple[int, str, dict[str, str]]:
@@ -505,16 +465,8 @@ def _ws_error(exc: BaseException) -> str:
     if isinstance(exc, websocket.WebSocketConnectionClosedException):
         return "the connection was closed without a close frame"
     if isinstance(exc, OSError):
-        return _os_text(exc)
+        return error_text(exc)
     return f"{type(exc).__name__}: {exc}"
-
-
-def _os_text(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 # --- the idle probe -----------------------------------------------------------------

@@ -40,16 +40,8 @@ from deployhealth.deadline import Deadline
 from deployhealth.inventory import InventoryError, Proxy, coder_error_text, open_inventory
 from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity, rfc3339, utcnow
-from deployhealth.netguard import (
-    BlockedAddressError,
-    Fetched,
-    FetchError,
-    GuardError,
-    IPNetwork,
-    client_tls_context,
-    fetch,
-    networks,
-)
+from deployhealth.net import IPNetwork, PhaseError, networks, tls_context
+from deployhealth.netguard import BlockedAddressError, Fetched, FetchError, GuardError, fetch
 from deployhealth.settings import Settings
 
 PROBE_TIMEOUT_SECONDS = 5.0
@@ -128,8 +120,8 @@ async def _probe_many(
     if any(p.url.strip().lower().startswith("https:") for p in proxies.values()):
         # Once: loading the CA store costs milliseconds. A bad bundle is left for each
         # https probe to report as its TLS failure.
-        with contextlib.suppress(GuardError):
-            tls = client_tls_context()
+        with contextlib.suppress(PhaseError):
+            tls = tls_context()
 
     async def one(proxy: Proxy) -> _Outcome | None:
         async with gate:
