@@ -7,7 +7,8 @@ answers the same three questions with the same dataclasses:
 - `api`: Coder's REST API with the session token (`/api/v2/workspaceproxies`,
   `/api/v2/organizations` then each organization's `provisionerdaemons`, `/api/v2/replicas`).
 - `database`: read-only SQL on Coder's own tables (`workspace_proxies`,
-  `provisioner_daemons`, `replicas`), over the connection the database family uses.
+  `provisioner_daemons`, `replicas`), connected as the database family connects
+  (deployhealth.pgconn: TLS per sslmode, timeouts on the socket).
 - `static`: the lists in the settings, shaped like the API's answers.
 
 What the sources cannot all say, and how it is read:
@@ -466,13 +467,13 @@ class DatabaseInventory:
         self._sock: Any = None
 
     def _run(self, sql: str, deadline: Deadline) -> list[list[Any]]:
-        # The database family's own connection code: TLS per sslmode, timeouts on the socket.
-        from deployhealth.checks.database import _close, _connect, _explain, _ProbeFailure
+        # Imported here: pg8000 loads only when the database source is used.
+        from deployhealth import pgconn
 
         where = self._target.describe()
         try:
             if self._conn is None:
-                self._conn, self._sock = _connect(
+                self._conn, self._sock = pgconn.connect(
                     self._target, deadline.sooner(QUERY_TIMEOUT_SECONDS)
                 )
                 self._conn.run("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
@@ -481,23 +482,25 @@ class DatabaseInventory:
             # The server gives up too, so a slow query does not outlive the family.
             self._conn.run(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
             rows = self._conn.run(sql)
-        except _ProbeFailure as exc:
-            self._drop(_close)
+        except pgconn.ConnectError as exc:
+            self._drop()
             said = f"cannot connect to {where}: {exc}"
             raise InventoryError(self._redactor.scrub(said)) from None
         except DeadlineExceeded:
-            self._drop(_close)
+            self._drop()
             raise InventoryError(f"{where}: no time left for the inventory query") from None
         except Exception as exc:
-            self._drop(_close)
+            self._drop()
             table = sql.split("FROM", 1)[1].split()[0]
-            said = _explain(exc, f"reading {table}")
+            said = pgconn.explain(exc, f"reading {table}")
             raise InventoryError(self._redactor.scrub(f"{where}: {said}")) from None
         return [list(row) for row in rows or []]
 
-    def _drop(self, close: Any) -> None:
+    def _drop(self) -> None:
         if self._conn is not None:
-            close(self._conn, self._sock)
+            from deployhealth import pgconn
+
+            pgconn.close(self._conn, self._sock)
         self._conn = self._sock = None
 
     def proxies(self, deadline: Deadline) -> list[Proxy]:
@@ -535,9 +538,7 @@ class DatabaseInventory:
         ]
 
     def close(self) -> None:
-        from deployhealth.checks.database import _close
-
-        self._drop(_close)
+        self._drop()
 
 
 def _json_object(value: Any) -> Mapping[str, Any]:
