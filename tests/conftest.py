@@ -1,15 +1,28 @@
-"""Shared fixtures: a DynamoDB endpoint on loopback and a result store of either backend."""
+"""Shared fixtures: stores of either backend, the simulated deployment, a real PostgreSQL
+and a record of the addresses sockets connect to.
+
+Helpers that are not fixtures are in tests/support/.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import pytest
 
 from deployhealth.store import ResultStore
+
+if TYPE_CHECKING:
+    from deployhealth.sim.deployment import SimulatedDeployment
+    from deployhealth.sim.inventory import ProxyFarm
+    from deployhealth.sim.postgres import LocalPostgres
 
 # Dummy credentials for the loopback DynamoDB endpoint. The secret is distinctive so that a
 # test can search every error text for it.
@@ -112,3 +125,83 @@ def local_postgres() -> Iterator[object]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def pg(local_postgres: object) -> LocalPostgres:
+    """The session's PostgreSQL, typed."""
+    from deployhealth.sim.postgres import LocalPostgres
+
+    assert isinstance(local_postgres, LocalPostgres)
+    return local_postgres
+
+
+@pytest.fixture
+def coder_db(pg: LocalPostgres) -> Iterator[tuple[str, Callable[[str], object]]]:
+    """A fresh database for Coder's tables: (its URL, a function that runs SQL in it)."""
+    name = f"coder_{uuid.uuid4().hex[:12]}"
+    pg.execute(f"CREATE DATABASE {name}")
+
+    def execute(sql: str) -> object:
+        conn = pg.connect(database=name)
+        try:
+            return conn.run(sql)
+        finally:
+            conn.close()
+
+    url = (
+        f"postgresql://{quote(pg.user, safe='')}:{quote(pg.password, safe='')}"
+        f"@127.0.0.1:{pg.port}/{name}?sslmode=disable"
+    )
+    yield url, execute
+    pg.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+# --- the simulated deployment -------------------------------------------------------
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatedDeployment]:
+    """A simulated Coder deployment for one test (modules that share one override this)."""
+    from deployhealth.sim.deployment import SimulatedDeployment
+
+    with SimulatedDeployment() as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def farm() -> Iterator[ProxyFarm]:
+    """Simulated workspace proxies, each on its own port of 127.0.0.1."""
+    from deployhealth.sim.inventory import ProxyFarm
+
+    with ProxyFarm() as proxies:
+        yield proxies
+
+
+# --- watching connections -----------------------------------------------------------
+# An audit hook sees every socket.connect the interpreter makes, whoever makes it: nothing
+# of deployhealth is patched. It records only while a test holds the `connects` fixture.
+
+_connects: list[str] = []
+_recording = threading.Event()
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if event == "socket.connect" and _recording.is_set():
+        address = args[1]
+        if isinstance(address, tuple):
+            _connects.append(str(address[0]))
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture
+def connects() -> Iterator[list[str]]:
+    """The IP addresses of every socket connect during the test, in order."""
+    _connects.clear()
+    _recording.set()
+    try:
+        yield _connects
+    finally:
+        _recording.clear()

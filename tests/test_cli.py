@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,12 +32,6 @@ def clean_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHEALTH_")}
     env.update(settings)
     return env
-
-
-@pytest.fixture
-def sim() -> Iterator[SimulatedDeployment]:
-    with SimulatedDeployment() as deployment:
-        yield deployment
 
 
 @pytest.fixture

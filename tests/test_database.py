@@ -17,12 +17,6 @@ from deployhealth.sim.postgres import LocalPostgres
 from deployhealth.sim.tcp import BlackHoleServer, DelayProxy
 
 
-@pytest.fixture
-def pg(local_postgres: object) -> LocalPostgres:
-    assert isinstance(local_postgres, LocalPostgres)
-    return local_postgres
-
-
 def url(
     pg: LocalPostgres,
     *,

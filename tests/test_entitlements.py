@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
-from urllib.parse import quote
 
-import pytest
+from support.deployment import api_settings, set_faults
 
 from deployhealth.checks.entitlements import probe
 from deployhealth.deadline import Deadline
@@ -18,53 +14,11 @@ from deployhealth.model import Section, Severity
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
 from deployhealth.sim.inventory import HA_ERROR, LICENSE_WARNING, REPLICA_ERROR, seed_database
-from deployhealth.sim.postgres import LocalPostgres
 from deployhealth.sim.tcp import free_port
-
-
-@pytest.fixture
-def sim() -> Iterator[SimulatedDeployment]:
-    with SimulatedDeployment() as deployment:
-        yield deployment
-
-
-@pytest.fixture
-def coder_db(local_postgres: object) -> Iterator[tuple[str, Callable[[str], object]]]:
-    pg = local_postgres
-    assert isinstance(pg, LocalPostgres)
-    name = f"coder_{uuid.uuid4().hex[:12]}"
-    pg.execute(f"CREATE DATABASE {name}")
-
-    def execute(sql: str) -> object:
-        conn = pg.connect(database=name)
-        try:
-            return conn.run(sql)
-        finally:
-            conn.close()
-
-    yield (
-        f"postgresql://{quote(pg.user, safe='')}:{quote(pg.password, safe='')}"
-        f"@127.0.0.1:{pg.port}/{name}?sslmode=disable",
-        execute,
-    )
-    pg.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-def api_settings(sim: SimulatedDeployment, **overrides: Any) -> Settings:
-    return Settings(access_url=sim.url, coder_token=Secret(sim.token)).with_overrides(**overrides)
 
 
 def run(settings: Settings) -> Section:
     return probe(settings, Deadline.after(10.0))
-
-
-def set_faults(sim: SimulatedDeployment, **modes: str) -> None:
-    """Flip faults the way the demo does: POST /_sim/faults over HTTP."""
-    query = "&".join(f"{k}={v}" for k, v in modes.items())
-    request = urllib.request.Request(f"{sim.url}/_sim/faults?{query}", method="POST")
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        now = json.load(answer)
-    assert all(now[k] == v for k, v in modes.items())
 
 
 def hosts(section: Section) -> list[str]:

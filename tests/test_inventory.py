@@ -7,13 +7,13 @@ the same deployment written into a fresh database of the session's real PostgreS
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+from support.deployment import api_settings
 
 from deployhealth.checks import entitlements, provisioner_daemons, workspace_proxy
 from deployhealth.deadline import Deadline
@@ -31,43 +31,6 @@ from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
 from deployhealth.sim.inventory import inventory_of, seed_database
 from deployhealth.sim.postgres import LocalPostgres
 from deployhealth.sim.tcp import free_port
-
-
-@pytest.fixture
-def sim() -> Iterator[SimulatedDeployment]:
-    with SimulatedDeployment() as deployment:
-        yield deployment
-
-
-@pytest.fixture
-def pg(local_postgres: object) -> LocalPostgres:
-    assert isinstance(local_postgres, LocalPostgres)
-    return local_postgres
-
-
-@pytest.fixture
-def coder_db(pg: LocalPostgres) -> Iterator[tuple[str, Callable[[str], object]]]:
-    """A fresh database for Coder's tables: (its URL, a function that runs SQL in it)."""
-    name = f"coder_{uuid.uuid4().hex[:12]}"
-    pg.execute(f"CREATE DATABASE {name}")
-
-    def execute(sql: str) -> object:
-        conn = pg.connect(database=name)
-        try:
-            return conn.run(sql)
-        finally:
-            conn.close()
-
-    url = (
-        f"postgresql://{quote(pg.user, safe='')}:{quote(pg.password, safe='')}"
-        f"@127.0.0.1:{pg.port}/{name}?sslmode=disable"
-    )
-    yield url, execute
-    pg.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-def api_settings(sim: SimulatedDeployment, **overrides: Any) -> Settings:
-    return Settings(access_url=sim.url, coder_token=Secret(sim.token)).with_overrides(**overrides)
 
 
 def db_settings(sim: SimulatedDeployment, url: str, **overrides: Any) -> Settings:

@@ -1,7 +1,8 @@
 """netguard: blocked addresses are refused before any connection; connections go where vetted.
 
-"No connection" is observed with an audit hook on `socket.connect`: the interpreter reports
-every connect it makes, whoever makes it, and nothing of deployhealth is patched. No test
+"No connection" is observed with an audit hook on `socket.connect` (the `connects` fixture):
+the interpreter reports every connect it makes, whoever makes it, and nothing of
+deployhealth is patched. No test
 sends a packet to a link-local or metadata address: the refusals happen before any socket.
 """
 
@@ -44,35 +45,6 @@ from deployhealth.netguard import (
 )
 from deployhealth.settings import BLOCKED_NETWORKS
 from deployhealth.sim.inventory import ProxyFarm, ProxyReply
-
-_connects: list[str] = []
-_recording = threading.Event()
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if event == "socket.connect" and _recording.is_set():
-        address = args[1]
-        if isinstance(address, tuple):
-            _connects.append(str(address[0]))
-
-
-sys.addaudithook(_audit)
-
-
-@pytest.fixture
-def connects() -> Iterator[list[str]]:
-    _connects.clear()
-    _recording.set()
-    try:
-        yield _connects
-    finally:
-        _recording.clear()
-
-
-@pytest.fixture
-def farm() -> Iterator[ProxyFarm]:
-    with ProxyFarm() as proxies:
-        yield proxies
 
 
 def get(url: str, seconds: float = 5.0, **options: Any) -> Any:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote
 
 import pytest
+from support.deployment import api_settings, set_faults
 
 from deployhealth.checks.provisioner_daemons import probe
 from deployhealth.deadline import Deadline
@@ -20,50 +18,11 @@ from deployhealth.model import Section, Severity
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
 from deployhealth.sim.inventory import inventory_of, seed_database
-from deployhealth.sim.postgres import LocalPostgres
 from deployhealth.sim.tcp import free_port
-
-
-@pytest.fixture
-def sim() -> Iterator[SimulatedDeployment]:
-    with SimulatedDeployment() as deployment:
-        yield deployment
-
-
-@pytest.fixture
-def coder_db(local_postgres: object) -> Iterator[tuple[str, Callable[[str], object]]]:
-    pg = local_postgres
-    assert isinstance(pg, LocalPostgres)
-    name = f"coder_{uuid.uuid4().hex[:12]}"
-    pg.execute(f"CREATE DATABASE {name}")
-
-    def execute(sql: str) -> object:
-        conn = pg.connect(database=name)
-        try:
-            return conn.run(sql)
-        finally:
-            conn.close()
-
-    yield (
-        f"postgresql://{quote(pg.user, safe='')}:{quote(pg.password, safe='')}"
-        f"@127.0.0.1:{pg.port}/{name}?sslmode=disable",
-        execute,
-    )
-    pg.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-def api_settings(sim: SimulatedDeployment, **overrides: Any) -> Settings:
-    return Settings(access_url=sim.url, coder_token=Secret(sim.token)).with_overrides(**overrides)
 
 
 def run(settings: Settings) -> Section:
     return probe(settings, Deadline.after(10.0))
-
-
-def set_fault(sim: SimulatedDeployment, name: str, mode: str) -> None:
-    request = urllib.request.Request(f"{sim.url}/_sim/faults?{name}={mode}", method="POST")
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        assert json.load(answer)[name] == mode
 
 
 def names(section: Section) -> list[str]:
@@ -102,7 +61,7 @@ def test_fresh_daemons_on_the_servers_version(sim: SimulatedDeployment) -> None:
 
 @pytest.mark.parametrize("mode", ["none", "stale"])
 def test_no_daemon_seen_within_90_s_is_epd01(sim: SimulatedDeployment, mode: str) -> None:
-    set_fault(sim, "provisioners", mode)
+    set_faults(sim, provisioners=mode)
     section = run(api_settings(sim))
     assert section.codes == ["EPD01"] and section.severity is Severity.ERROR
     assert section.to_dict()["items"] == []
@@ -115,7 +74,7 @@ def test_no_daemon_seen_within_90_s_is_epd01(sim: SimulatedDeployment, mode: str
 
 
 def test_older_minor_version_is_epd02(sim: SimulatedDeployment) -> None:
-    set_fault(sim, "provisioners", "old-version")
+    set_faults(sim, provisioners="old-version")
     section = run(api_settings(sim))
     assert section.codes == ["EPD02"] and section.severity is Severity.WARNING
     (warning,) = section.warnings
@@ -131,7 +90,7 @@ def test_older_minor_version_is_epd02(sim: SimulatedDeployment) -> None:
 
 
 def test_other_api_major_version_is_epd03(sim: SimulatedDeployment) -> None:
-    set_fault(sim, "provisioners", "old-api")
+    set_faults(sim, provisioners="old-api")
     section = run(api_settings(sim))
     assert section.codes == ["EPD03"] and section.severity is Severity.WARNING
     assert "speaks provisioner API 0.9, major version 0; the server's major version is 1" in (
@@ -140,7 +99,7 @@ def test_other_api_major_version_is_epd03(sim: SimulatedDeployment) -> None:
 
 
 def test_unparseable_version_is_eunknown(sim: SimulatedDeployment) -> None:
-    set_fault(sim, "provisioners", "bad-version")
+    set_faults(sim, provisioners="bad-version")
     section = run(api_settings(sim))
     assert section.codes == ["EUNKNOWN"] and section.severity is Severity.ERROR
     assert "'provisioner-research' reports version 'latest', which does not parse" in (
@@ -154,7 +113,7 @@ def test_database_source_gives_the_same_verdict(
     sim: SimulatedDeployment, coder_db: tuple[str, Callable[[str], object]]
 ) -> None:
     url, execute = coder_db
-    set_fault(sim, "provisioners", "old-version")
+    set_faults(sim, provisioners="old-version")
     inventory_of(sim).touch()
     seed_database(sim, execute)
     settings = Settings(access_url=sim.url, database_url=Secret(url))  # database by default
@@ -224,7 +183,7 @@ def test_active_daemons_metric(sim: SimulatedDeployment) -> None:
         "provisioner_daemons", run(api_settings(sim))
     )
     assert record["ProvisionerDaemonsActive"] == [2.0]
-    set_fault(sim, "provisioners", "none")
+    set_faults(sim, provisioners="none")
     record = MetricsSink("DeployHealth", "coder", None).section(
         "provisioner_daemons", run(api_settings(sim))
     )

@@ -10,15 +10,13 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
-import sys
 import threading
 import time
 import tracemalloc
-import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support.deployment import api_settings, set_faults
 
 from deployhealth.checks.workspace_proxy import probe
 from deployhealth.deadline import Deadline
@@ -28,51 +26,6 @@ from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
 from deployhealth.sim.inventory import ProxyFarm, ProxyReply, SimProxy, proxy_replies
 from deployhealth.sim.tcp import free_port
-
-# --- watching connections -----------------------------------------------------------
-# An audit hook observes every socket.connect the interpreter makes (it patches nothing).
-
-_connects: list[str] = []
-_recording = threading.Event()
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if event == "socket.connect" and _recording.is_set():
-        address = args[1]
-        if isinstance(address, tuple):
-            _connects.append(str(address[0]))
-
-
-sys.addaudithook(_audit)
-
-
-@pytest.fixture
-def connects() -> Iterator[list[str]]:
-    _connects.clear()
-    _recording.set()
-    try:
-        yield _connects
-    finally:
-        _recording.clear()
-
-
-# --- fixtures -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def sim() -> Iterator[SimulatedDeployment]:
-    with SimulatedDeployment() as deployment:
-        yield deployment
-
-
-@pytest.fixture
-def farm() -> Iterator[ProxyFarm]:
-    with ProxyFarm() as proxies:
-        yield proxies
-
-
-def api_settings(sim: SimulatedDeployment, **overrides: Any) -> Settings:
-    return Settings(access_url=sim.url, coder_token=Secret(sim.token)).with_overrides(**overrides)
 
 
 def static_settings(*proxies: tuple[str, str], **overrides: Any) -> Settings:
@@ -101,13 +54,6 @@ def only_message(section: Section, code: str = "EWP04") -> str:
     found = [f.message for f in [*section.errors, *section.warnings] if f.code == code]
     assert len(found) == 1, section.to_dict()
     return found[0]
-
-
-def set_fault(sim: SimulatedDeployment, name: str, mode: str) -> None:
-    """Flip a fault the way the demo does: POST /_sim/faults over HTTP."""
-    request = urllib.request.Request(f"{sim.url}/_sim/faults?{name}={mode}", method="POST")
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        assert json.load(answer)[name] == mode
 
 
 # --- the simulated deployment, through the api source ---------------------------------
@@ -152,7 +98,7 @@ def test_healthy_proxies(sim: SimulatedDeployment) -> None:
 def test_one_bad_proxy_is_a_warning(
     sim: SimulatedDeployment, mode: str, expected_status: str, says: str
 ) -> None:
-    set_fault(sim, "proxy", mode)
+    set_faults(sim, proxy=mode)
     section = run(api_settings(sim))
     assert status(section, "eu") == "ok"
     assert status(section, "us") == expected_status
@@ -166,13 +112,13 @@ def test_one_bad_proxy_is_a_warning(
 
 
 def test_unreachable_proxy_message_says_refused(sim: SimulatedDeployment) -> None:
-    set_fault(sim, "proxy", "unreachable")
+    set_faults(sim, proxy="unreachable")
     message = only_message(run(api_settings(sim)))
     assert "/healthz-report: connect: 127.0.0.1:" in message and "connection refused" in message
 
 
 def test_non_200_carries_coders_error_and_the_url(sim: SimulatedDeployment) -> None:
-    set_fault(sim, "proxy", "http-error")
+    set_faults(sim, proxy="http-error")
     section = run(api_settings(sim))
     assert status(section, "us") == "unhealthy"
     message = only_message(section)
@@ -185,7 +131,7 @@ def test_non_200_carries_coders_error_and_the_url(sim: SimulatedDeployment) -> N
 
 
 def test_proxy_warnings_make_the_section_a_warning(sim: SimulatedDeployment) -> None:
-    set_fault(sim, "proxy", "warnings")
+    set_faults(sim, proxy="warnings")
     section = run(api_settings(sim))
     assert status(section, "us") == "ok" and regions(section)["us"]["healthy"] is True
     assert section.severity is Severity.WARNING
@@ -196,7 +142,7 @@ def test_proxy_warnings_make_the_section_a_warning(sim: SimulatedDeployment) -> 
 
 
 def test_no_proxy_ok_is_an_error_with_every_proxy_error(sim: SimulatedDeployment) -> None:
-    set_fault(sim, "proxy", "all-down")
+    set_faults(sim, proxy="all-down")
     section = run(api_settings(sim))
     assert section.severity is Severity.ERROR
     data = section.to_dict()
