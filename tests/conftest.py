@@ -1,5 +1,5 @@
-"""Shared fixtures: stores of either backend, the simulated deployment, a real PostgreSQL
-and a record of the addresses sockets connect to.
+"""Shared fixtures: stores of either backend, the simulated deployment, a real PostgreSQL,
+a test certificate authority, and a record of the addresses sockets connect to.
 
 Helpers that are not fixtures are in tests/support/.
 """
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import pytest
+from support.tls import CertAuthority
 
 from deployhealth.store import ResultStore
 
@@ -176,6 +177,22 @@ def farm() -> Iterator[ProxyFarm]:
 
     with ProxyFarm() as proxies:
         yield proxies
+
+
+# --- TLS ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
+    """A certificate authority for the module's TLS servers."""
+    return CertAuthority(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture
+def system_trust_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start from the system CA store, whatever the developer's shell sets."""
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
 
 
 # --- watching connections -----------------------------------------------------------

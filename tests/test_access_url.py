@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import http.server
 import io
-import ipaddress
 import json
 import socket
 import ssl
@@ -15,13 +14,9 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support.tls import CertAuthority, Issued
 
 from deployhealth.checks.access_url import probe
 from deployhealth.deadline import Deadline
@@ -32,109 +27,8 @@ from deployhealth.sim.tcp import free_port
 
 Respond = Callable[[http.server.BaseHTTPRequestHandler], None]
 
-
-# --- certificates -------------------------------------------------------------------
-
-
-@dataclass
-class Issued:
-    cert: Path
-    key: Path
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write(tmp: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Issued:
-    cert_path = tmp / f"{stem}.pem"
-    key_path = tmp / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return Issued(cert_path, key_path)
-
-
-class CertAuthority:
-    """A throwaway certificate authority that issues loopback server certificates."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        public = self.key.public_key()
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name("deployhealth test CA"))
-            .issuer_name(_name("deployhealth test CA"))
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=60))
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.bundle = _write(tmp, "ca", self.cert, self.key).cert
-
-    def issue(self, stem: str, not_after: dt.datetime, *, self_signed: bool = False) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = _name("127.0.0.1")
-        issuer_cert_name = subject if self_signed else self.cert.subject
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer_cert_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(min(not_after, dt.datetime.now(dt.UTC)) - dt.timedelta(days=30))
-            .not_valid_after(not_after)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        )
-        if not self_signed:
-            builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
-        cert = builder.sign(key if self_signed else self.key, hashes.SHA256())
-        return _write(self.tmp, stem, cert, key)
-
-
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    return CertAuthority(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(autouse=True)
-def system_trust_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start every test from the system CA store, whatever the developer's shell sets."""
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
-    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+# Every test starts from the system CA store, whatever the developer's shell sets.
+pytestmark = pytest.mark.usefixtures("system_trust_only")
 
 
 def _now_plus(days: float) -> dt.datetime:

@@ -8,10 +8,8 @@ nginx and coturn are the real programs.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import http.client
 import http.server
-import ipaddress
 import json
 import os
 import shutil
@@ -24,10 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from deployhealth.checks.derp import go_duration, item_metrics, probe, section_metrics
 from deployhealth.deadline import Deadline
@@ -43,11 +37,8 @@ from deployhealth.sim.stun import StunServer, servers_of
 from deployhealth.sim.tcp import BlackHoleServer, free_port
 from deployhealth.wire import derp as wire
 
-
-@pytest.fixture(autouse=True)
-def system_trust_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
-    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+# Every test starts from the system CA store, whatever the developer's shell sets.
+pytestmark = pytest.mark.usefixtures("system_trust_only")
 
 
 @pytest.fixture(scope="module")
@@ -316,46 +307,10 @@ def test_relay_answers_peer_gone_for_an_unknown_key(derp_servers):
     assert client.server_key == server.relay.public_key
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1: (certificate, key)."""
-    tmp = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "derp.pem", tmp / "derp.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-def test_tls_node_is_verified_against_the_configured_ca_bundle(
-    derp_servers, tls_files, monkeypatch
-):
-    cert, key = tls_files
+def test_tls_node_is_verified_against_the_configured_ca_bundle(derp_servers, ca, monkeypatch):
+    issued = ca.issue("derp")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(issued.cert, issued.key)
     server = derp_servers(tls=context)
     settings = Settings(derp_map=derp_map(region(5, server.node("5a", 5))))
 
@@ -363,7 +318,7 @@ def test_tls_node_is_verified_against_the_configured_ca_bundle(
     assert untrusted["severity"] == "error"
     assert "certificate verify failed" in untrusted["error"]
 
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.bundle))
     trusted = node_report(run(settings), 5)
     assert trusted["can_exchange_messages"] is True and trusted["severity"] == "ok"
 

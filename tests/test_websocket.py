@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import http.server
-import ipaddress
 import json
 import os
 import shutil
@@ -22,10 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support.tls import CertAuthority
 
 from deployhealth.checks.websocket import merge_previous, probe
 from deployhealth.deadline import Deadline
@@ -47,10 +43,8 @@ def sim() -> Iterator[SimulatedDeployment]:
 
 
 @pytest.fixture(autouse=True)
-def healthy_sim(sim: SimulatedDeployment, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def healthy_sim(sim: SimulatedDeployment, system_trust_only: None) -> Iterator[None]:
     """Every test starts from a healthy sim and the system CA store."""
-    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
-    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     sim.set_faults({"reset": ""})
     yield
     sim.set_faults({"reset": ""})
@@ -372,69 +366,6 @@ class Nginx:
     ca_bundle: Path
 
 
-def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 it issued: (bundle, cert, key)."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deployhealth ws test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    bundle, cert_path, key_path = tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
-    bundle.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return bundle, cert_path, key_path
-
-
 NGINX_CONF = """\
 {user}
 worker_processes 1;
@@ -483,7 +414,9 @@ def _await_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def nginx(sim: SimulatedDeployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+def nginx(
+    sim: SimulatedDeployment, ca: CertAuthority, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nginx]:
     binary = shutil.which("nginx") or (NGINX if os.path.exists(NGINX) else None)
     if binary is None:
         pytest.fail(
@@ -491,7 +424,7 @@ def nginx(sim: SimulatedDeployment, tmp_path_factory: pytest.TempPathFactory) ->
             "apt-get install nginx (CI installs it)"
         )
     prefix = tmp_path_factory.mktemp("nginx")
-    bundle, cert, key = _tls_files(prefix)
+    server = ca.issue("nginx")
     port, tls_port = free_port(), free_port()
     upstream = sim.url.rsplit(":", 1)[1]
     conf = prefix / "nginx.conf"
@@ -503,8 +436,8 @@ def nginx(sim: SimulatedDeployment, tmp_path_factory: pytest.TempPathFactory) ->
             prefix=prefix,
             port=port,
             tls_port=tls_port,
-            cert=cert,
-            key=key,
+            cert=server.cert,
+            key=server.key,
             upstream=upstream,
         )
     )
@@ -518,7 +451,7 @@ def nginx(sim: SimulatedDeployment, tmp_path_factory: pytest.TempPathFactory) ->
     try:
         _await_listening(proc, port, log)
         _await_listening(proc, tls_port, log)
-        yield Nginx(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", bundle)
+        yield Nginx(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", ca.bundle)
     finally:
         proc.terminate()
         try:
