@@ -11,8 +11,6 @@ import contextlib
 import http.client
 import http.server
 import json
-import os
-import shutil
 import ssl
 import subprocess
 import threading
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.peers import require_program, running_nginx
 
 from deployhealth.checks.derp import go_duration, item_metrics, probe, section_metrics
 from deployhealth.deadline import Deadline
@@ -581,18 +580,6 @@ def test_round_trip_text_is_go_duration():
 # --- interop with real peers -----------------------------------------------------------------
 
 
-def _require(program: str, package: str) -> str:
-    path = shutil.which(program) or next(
-        (p for p in (f"/usr/sbin/{program}", f"/usr/bin/{program}") if os.path.exists(p)), None
-    )
-    if path is None:
-        pytest.fail(
-            f"{program} is not installed: this interop test needs the real one "
-            f"(sudo apt-get install -y {package})"
-        )
-    return path
-
-
 class _Process:
     """A child process whose output is watched for a line that says it is ready."""
 
@@ -659,26 +646,16 @@ http {{
 
 
 def test_nginx_that_forwards_only_websocket_upgrades_gives_ederp01(derp_servers, tmp_path):
-    nginx = _require("nginx", "nginx")
     upstream = derp_servers()
     port = free_port()
     (tmp_path / "tmp").mkdir()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=tmp_path, port=port, upstream=upstream.port))
-    process = _Process(
-        [nginx, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
-        "start worker process",
-        tmp_path,
-    )
-    try:
-        process.wait_ready()
+    conf = NGINX_CONF.format(prefix=tmp_path, port=port, upstream=upstream.port)
+    with running_nginx(tmp_path, conf, port):
         node = {
             "Name": "ngx", "RegionID": 30, "HostName": "127.0.0.1", "DERPPort": port,
             "STUNPort": -1, "ForceHTTP": True,
         }
         section = run(Settings(derp_map=derp_map(region(30, node))))
-    finally:
-        process.stop()
     report = node_report(section, 30)
     assert report["uses_websocket"] is True
     assert report["can_exchange_messages"] is True
@@ -689,7 +666,7 @@ def test_nginx_that_forwards_only_websocket_upgrades_gives_ederp01(derp_servers,
 
 
 def test_coturn_answers_stun_and_the_mapped_address_is_reported(tmp_path):
-    turnserver = _require("turnserver", "coturn")
+    turnserver = require_program("turnserver", "coturn")
     port = free_port()
     process = _Process(
         [

@@ -11,9 +11,6 @@ import datetime as dt
 import http.server
 import json
 import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.peers import running_nginx
 from support.tls import CertAuthority
 
 from deployhealth.checks.websocket import merge_previous, probe
@@ -356,9 +354,6 @@ def test_echo_only_run_carries_the_stored_idle_verdict(
 # --- through a real nginx -----------------------------------------------------------
 
 
-NGINX = "/usr/sbin/nginx"
-
-
 @dataclass
 class Nginx:
     url: str
@@ -401,64 +396,26 @@ http {{
 """
 
 
-def _await_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    for _ in range(200):
-        if proc.poll() is not None:
-            pytest.fail(f"nginx exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-            return
-        # Waiting on the process, not sleeping: an nginx that dies ends the wait at once.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.05)
-    pytest.fail(f"nginx did not listen on 127.0.0.1:{port}:\n{log.read_text(errors='replace')}")
-
-
 @pytest.fixture(scope="module")
 def nginx(
     sim: SimulatedDeployment, ca: CertAuthority, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Nginx]:
-    binary = shutil.which("nginx") or (NGINX if os.path.exists(NGINX) else None)
-    if binary is None:
-        pytest.fail(
-            "nginx is required for the WebSocket proxy tests and is not installed: "
-            "apt-get install nginx (CI installs it)"
-        )
     prefix = tmp_path_factory.mktemp("nginx")
     server = ca.issue("nginx")
     port, tls_port = free_port(), free_port()
-    upstream = sim.url.rsplit(":", 1)[1]
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            # As root, nginx's workers would otherwise drop to "nobody", who cannot enter
-            # pytest's private temporary directories.
-            user="user root;" if os.geteuid() == 0 else "",
-            prefix=prefix,
-            port=port,
-            tls_port=tls_port,
-            cert=server.cert,
-            key=server.key,
-            upstream=upstream,
-        )
+    conf = NGINX_CONF.format(
+        # As root, nginx's workers would otherwise drop to "nobody", who cannot enter
+        # pytest's private temporary directories.
+        user="user root;" if os.geteuid() == 0 else "",
+        prefix=prefix,
+        port=port,
+        tls_port=tls_port,
+        cert=server.cert,
+        key=server.key,
+        upstream=sim.url.rsplit(":", 1)[1],
     )
-    log = prefix / "error.log"
-    with (prefix / "stderr.log").open("wb") as stderr:
-        proc = subprocess.Popen(
-            [binary, "-p", str(prefix), "-e", str(log), "-c", str(conf), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        _await_listening(proc, port, log)
-        _await_listening(proc, tls_port, log)
+    with running_nginx(prefix, conf, port, tls_port):
         yield Nginx(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", ca.bundle)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_nginx_read_timeout_cuts_a_session_without_pings(
