@@ -20,8 +20,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
+
+from deployhealth.sim._service import Service
 
 CODER_VERSION = "v2.18.1+sim"
 
@@ -37,7 +39,7 @@ class Fault:
 
 
 @dataclass
-class SimulatedDeployment:
+class SimulatedDeployment(Service):
     """The HTTP side of the simulation. `on_database` applies a database mode (demo wiring)."""
 
     host: str = "127.0.0.1"
@@ -93,7 +95,7 @@ class SimulatedDeployment:
         assert self._server is not None, "start() first"
         return f"http://{self.host}:{self._server.server_address[1]}"
 
-    def start(self) -> SimulatedDeployment:
+    def start(self) -> Self:
         self._server = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
         self._server.daemon_threads = True
         threading.Thread(
@@ -110,12 +112,6 @@ class SimulatedDeployment:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-    def __enter__(self) -> SimulatedDeployment:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- faults -------------------------------------------------------------------------
 

@@ -29,11 +29,11 @@ import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from nacl.public import PrivateKey
 
+from deployhealth.sim._service import Service
 from deployhealth.wire import derp as wire
 
 if TYPE_CHECKING:
@@ -334,7 +334,7 @@ class _Server(ThreadingHTTPServer):
         pass  # clients hang up mid-stream on purpose (timeouts, closes)
 
 
-class DerpServer:
+class DerpServer(Service):
     """A DERP relay on its own 127.0.0.1 port; `mode` is one of MODES and may change live."""
 
     def __init__(
@@ -385,14 +385,3 @@ class DerpServer:
             self._server.shutdown()
             self._thread.join(5)
         self._server.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -44,6 +44,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
+from deployhealth.sim._service import Service
 from deployhealth.sim.tcp import LOOPBACK, free_port
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ Responder = Callable[[], ProxyReply]
 _FILLER = b"x" * 65536
 
 
-class ProxyFarm:
+class ProxyFarm(Service):
     """Many simulated workspace proxies on one asyncio thread, each on its own port."""
 
     def __init__(self) -> None:
@@ -251,12 +252,6 @@ class ProxyFarm:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- the simulated deployment's inventory ----------------------------------------------

@@ -23,12 +23,12 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
 import pg8000.native
 
+from deployhealth.sim._service import Service
 from deployhealth.sim.tcp import LOOPBACK, free_port
 
 __all__ = ["SYSTEM_USER", "LocalPostgres", "PostgresError"]
@@ -153,7 +153,7 @@ def _chown_tree(path: Path, uid: int, gid: int) -> None:
             os.chown(Path(dirpath, name), uid, gid, follow_symlinks=False)
 
 
-class LocalPostgres:
+class LocalPostgres(Service):
     """PostgreSQL on 127.0.0.1 with SCRAM password auth, for tests and the demo.
 
     ``start()`` runs initdb on first use of the data directory, then ``pg_ctl -w
@@ -314,14 +314,6 @@ class LocalPostgres:
         except BaseException:
             self.close()
             raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- queries ------------------------------------------------------------------
 

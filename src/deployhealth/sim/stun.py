@@ -21,9 +21,9 @@ import contextlib
 import selectors
 import socket
 import threading
-from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from deployhealth.sim._service import Service
 from deployhealth.wire import stun as wire
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ _DATAGRAM = 2048
 _JOIN_TIMEOUT = 5.0
 
 
-class StunServer:
+class StunServer(Service):
     """A STUN server on UDP `host` (loopback only) and a free or given port."""
 
     def __init__(
@@ -99,17 +99,6 @@ class StunServer:
             self._thread.join(_JOIN_TIMEOUT)
         for sock in (self._sock, self._wake_r, self._wake_w):
             sock.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _serve(self) -> None:
         with selectors.DefaultSelector() as selector:

@@ -15,8 +15,9 @@ import socket
 import threading
 import time
 from collections import deque
-from types import TracebackType
 from typing import Any, Self
+
+from deployhealth.sim._service import Service
 
 __all__ = ["LOOPBACK", "BlackHoleServer", "DelayProxy", "free_port"]
 
@@ -152,7 +153,7 @@ class _Conn:
         return self.up if sock is self.upstream else self.down
 
 
-class DelayProxy:
+class DelayProxy(Service):
     """Forward 127.0.0.1:``port`` to a loopback target, holding every chunk ``delay_seconds``.
 
     Both directions are delayed, so a request/response round trip through the proxy
@@ -231,17 +232,6 @@ class DelayProxy:
         thread.join(_JOIN_TIMEOUT)
         if thread.is_alive():
             raise RuntimeError(f"DelayProxy thread did not stop within {_JOIN_TIMEOUT}s")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _wake(self) -> None:
         # A full wake buffer already guarantees a wake-up; a closed one means we are done.
@@ -393,7 +383,7 @@ class DelayProxy:
             _close_quietly(sock)
 
 
-class BlackHoleServer:
+class BlackHoleServer(Service):
     """Accept TCP connections on 127.0.0.1 and never send a byte back.
 
     Models a target whose port is open but whose process is wedged: connects
@@ -455,17 +445,6 @@ class BlackHoleServer:
         thread.join(_JOIN_TIMEOUT)
         if thread.is_alive():
             raise RuntimeError(f"BlackHoleServer thread did not stop within {_JOIN_TIMEOUT}s")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _serve(self) -> None:
         with selectors.DefaultSelector() as selector:
