@@ -6,6 +6,7 @@ loopback, so a misconfigured test can never push traffic off the machine.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import ipaddress
@@ -153,7 +154,77 @@ class _Conn:
         return self.up if sock is self.upstream else self.down
 
 
-class DelayProxy(Service):
+class _LoopbackService(Service):
+    """A listener on 127.0.0.1 that one daemon thread serves until `close()` joins it.
+
+    Subclasses provide `_serve`, which runs until `_closing` is set (`_wake()` interrupts
+    its select) and then calls `_teardown()`, and `_release`, which lets go of what they
+    hold. Without a thread, `close()` tears down itself.
+    """
+
+    def __init__(self) -> None:
+        self._listener = _listen_loopback()
+        self.port: int = int(self._listener.getsockname()[1])
+        self.host = LOOPBACK
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._closing = threading.Event()
+        self._lifecycle = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._torn_down = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def start(self) -> Self:
+        name = type(self).__name__
+        with self._lifecycle:
+            if self._closing.is_set():
+                raise RuntimeError(f"{name} is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name=f"{name}:{self.port}", daemon=True
+                )
+                self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving, let go of every connection and join the serving thread."""
+        with self._lifecycle:
+            self._closing.set()
+            thread = self._thread
+        if thread is None:
+            self._teardown()
+            return
+        self._wake()
+        thread.join(_JOIN_TIMEOUT)
+        if thread.is_alive():
+            name = type(self).__name__
+            raise RuntimeError(f"{name} thread did not stop within {_JOIN_TIMEOUT}s")
+
+    def _wake(self) -> None:
+        # A full wake buffer already guarantees a wake-up; a closed one means we are done.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    @abc.abstractmethod
+    def _serve(self) -> None: ...
+
+    @abc.abstractmethod
+    def _release(self) -> None: ...
+
+    def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
+        self._release()
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            _close_quietly(sock)
+
+
+class DelayProxy(_LoopbackService):
     """Forward 127.0.0.1:``port`` to a loopback target, holding every chunk ``delay_seconds``.
 
     Both directions are delayed, so a request/response round trip through the proxy
@@ -179,19 +250,10 @@ class DelayProxy(Service):
         self._family, self._target = _loopback_address(target_host, target_port)
         self.delay_seconds = delay_seconds
         self._max_connections = max_connections
-        self._listener = _listen_loopback()
-        self.port: int = int(self._listener.getsockname()[1])
-        self.host = LOOPBACK
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        super().__init__()
         self._selector = selectors.DefaultSelector()
         self._interest: dict[socket.socket, int] = {}
         self._conns: set[_Conn] = set()
-        self._closing = threading.Event()
-        self._lifecycle = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._torn_down = False
         self.error: BaseException | None = None
 
     @property
@@ -204,39 +266,6 @@ class DelayProxy(Service):
             raise ValueError("delay_seconds must be >= 0")
         # A plain float store is atomic, and the serving thread reads it once per chunk.
         self._delay = float(value)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    def start(self) -> Self:
-        with self._lifecycle:
-            if self._closing.is_set():
-                raise RuntimeError("DelayProxy is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name=f"DelayProxy:{self.port}", daemon=True
-                )
-                self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop serving, drop every proxied connection and join the serving thread."""
-        with self._lifecycle:
-            self._closing.set()
-            thread = self._thread
-        if thread is None:
-            self._teardown()
-            return
-        self._wake()
-        thread.join(_JOIN_TIMEOUT)
-        if thread.is_alive():
-            raise RuntimeError(f"DelayProxy thread did not stop within {_JOIN_TIMEOUT}s")
-
-    def _wake(self) -> None:
-        # A full wake buffer already guarantees a wake-up; a closed one means we are done.
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
 
     def _want(self, sock: socket.socket, events: int, data: _Conn | None) -> None:
         current = self._interest.get(sock, 0)
@@ -372,18 +401,13 @@ class DelayProxy(Service):
         except OSError:
             self._drop(conn)
 
-    def _teardown(self) -> None:
-        if self._torn_down:
-            return
-        self._torn_down = True
+    def _release(self) -> None:
         for conn in list(self._conns):
             self._drop(conn)
         self._selector.close()
-        for sock in (self._listener, self._wake_r, self._wake_w):
-            _close_quietly(sock)
 
 
-class BlackHoleServer(Service):
+class BlackHoleServer(_LoopbackService):
     """Accept TCP connections on 127.0.0.1 and never send a byte back.
 
     Models a target whose port is open but whose process is wedged: connects
@@ -393,23 +417,11 @@ class BlackHoleServer(Service):
     """
 
     def __init__(self, *, max_connections: int = 256) -> None:
-        self._listener = _listen_loopback()
-        self.port: int = int(self._listener.getsockname()[1])
-        self.host = LOOPBACK
+        super().__init__()
         self._max_connections = max_connections
         self._held: list[socket.socket] = []
         self._accepted = 0
         self._changed = threading.Condition()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
-        self._closing = threading.Event()
-        self._lifecycle = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._torn_down = False
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
 
     @property
     def accepted(self) -> int:
@@ -420,31 +432,6 @@ class BlackHoleServer(Service):
         """Block until at least ``count`` connections were accepted; False on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: self._accepted >= count, timeout)
-
-    def start(self) -> Self:
-        with self._lifecycle:
-            if self._closing.is_set():
-                raise RuntimeError("BlackHoleServer is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name=f"BlackHoleServer:{self.port}", daemon=True
-                )
-                self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop accepting, hang up every held connection and join the accept thread."""
-        with self._lifecycle:
-            self._closing.set()
-            thread = self._thread
-        if thread is None:
-            self._teardown()
-            return
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-        thread.join(_JOIN_TIMEOUT)
-        if thread.is_alive():
-            raise RuntimeError(f"BlackHoleServer thread did not stop within {_JOIN_TIMEOUT}s")
 
     def _serve(self) -> None:
         with selectors.DefaultSelector() as selector:
@@ -478,10 +465,7 @@ class BlackHoleServer(Service):
                 self._accepted += 1
                 self._changed.notify_all()
 
-    def _teardown(self) -> None:
-        if self._torn_down:
-            return
-        self._torn_down = True
-        for sock in (*self._held, self._listener, self._wake_r, self._wake_w):
+    def _release(self) -> None:
+        for sock in self._held:
             _close_quietly(sock)
         self._held.clear()
