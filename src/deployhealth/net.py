@@ -1,7 +1,8 @@
 """Socket and TLS primitives for the clients that drive `socket` and `ssl` themselves.
 
-access_url, websocket, database, derp and netguard each speak their protocol by hand (to
-time its phases, cap what they read, or keep the socket after an upgrade). What they share:
+The access_url and websocket families, pgconn, derpclient, stunclient and netguard each
+speak their protocol by hand (to time its phases, cap what they read, or keep the socket
+after an upgrade). What they share:
 
 - `resolve_host`: getaddrinfo under a timeout. The system call has none, so a lookup that
   outlasts the budget is left to finish on a daemon thread (`getaddrinfo_within`).
