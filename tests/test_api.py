@@ -819,6 +819,46 @@ def test_concurrent_requests_get_their_own_answers(api: Api) -> None:
     assert failures == []
 
 
+def test_first_requests_to_a_route_arriving_together_all_succeed(make_api: ApiFactory) -> None:
+    """A fresh server whose first requests to each route come at the same instant, as
+    probes from several load balancer nodes do right after a start."""
+    paths = {
+        "/readyz/database": 503,
+        "/readyz/access_url": 200,
+        "/api/v2/debug/health/history?section=database": 200,
+    }
+    failures: list[str] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        # The race is a few bytecodes wide: each round is one more chance to hit it.
+        for _ in range(5):
+            api = make_api()
+            api.seed("access_url", ok_section())
+            api.seed("database", failing_section("EDB01"))
+            start = threading.Barrier(24)
+
+            def first_request(
+                path: str, url: str = api.server.url, start: threading.Barrier = start
+            ) -> None:
+                start.wait()
+                response = requests.get(url + path, timeout=30)
+                if response.status_code != paths[path]:
+                    failures.append(f"{path}: {response.status_code} {response.text!r}")
+
+            threads = [
+                threading.Thread(target=first_request, args=(path,))
+                for path in list(paths) * 8
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+
+
 # --- the HTML page -------------------------------------------------------------------------
 
 

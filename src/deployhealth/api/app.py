@@ -266,6 +266,21 @@ class _AlbResolver(_PerThreadState, ALBResolver):
     pass
 
 
+def _build_middleware_stacks(resolver: ApiGatewayResolver) -> None:
+    """Build every route's middleware stack now, on one thread.
+
+    Powertools builds a route's stack lazily on its first request, guarded by a plain flag:
+    two threads of the local server hitting a route for the first time at once both wrap
+    it, and one of them calls a half-built stack (seen as "MiddlewareFrame.__call__() got an
+    unexpected keyword argument"). Built up front, the stacks are only ever read.
+    """
+    for route in [*resolver._static_routes, *resolver._dynamic_routes]:
+        if not route._middleware_stack_built:
+            route._build_middleware_stack(
+                router_middlewares=resolver._router_middlewares, app=resolver
+            )
+
+
 # --- the application ----------------------------------------------------------------------
 
 
@@ -279,6 +294,8 @@ class ApiApp:
         self.http_api.include_router(self.router)
         self.alb = _AlbResolver()
         self.alb.include_router(self.router)
+        for resolver in (self.http_api, self.alb):
+            _build_middleware_stacks(resolver)
 
     def __call__(self, event: Any, lambda_context: Any = None) -> dict[str, Any]:
         return self.handle(event, lambda_context)
