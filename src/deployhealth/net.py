@@ -29,6 +29,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from deployhealth.deadline import Deadline, DeadlineExceeded
 
@@ -156,6 +157,45 @@ def connect_tcp(addresses: Sequence[Address], budget: Deadline) -> socket.socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
     raise PhaseError("connect", "; ".join(failures))
+
+
+def parse_access_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host as it goes on the wire, port) of an access URL; ValueError saying why not.
+
+    The access_url and websocket families both start from the access URL; they report a
+    bad one under their own codes (EACS02, EWS01) with this message.
+    """
+    example = "expected an absolute http(s) URL such as https://coder.example.com"
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise ValueError(f"access URL {url!r} has {shown}: {example}")
+    if not parts.hostname:
+        raise ValueError(f"access URL {url!r} has no host: {example}")
+    host = ascii_host(parts.hostname)
+    if host is None:
+        raise ValueError(f"access URL {url!r} has a host that is not a valid name: {example}")
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise ValueError(f"access URL {url!r} has an invalid port: {example}") from None
+    if any(c.isspace() for c in parts.netloc):
+        raise ValueError(f"access URL {url!r} has spaces in its host: {example}")
+    return scheme, host, port
+
+
+def ascii_host(hostname: str) -> str | None:
+    """The host as it goes on the wire: IDNA for international names, None if invalid."""
+    try:
+        ipaddress.ip_address(hostname)
+        return hostname
+    except ValueError:
+        pass
+    try:
+        return hostname.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
 
 
 def host_port(host: str, port: int) -> str:

@@ -29,7 +29,6 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 import time
@@ -46,9 +45,11 @@ from deployhealth.net import (
     DEFAULT_PORTS,
     CertificateVerifyError,
     PhaseError,
+    ascii_host,
     authority,
     connect_tcp,
     error_text,
+    parse_access_url,
     phase_timeout,
     resolve_host,
     show_sockaddr,
@@ -119,9 +120,11 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         missing = "no access URL configured (set DEPLOYHEALTH_ACCESS_URL)"
         return _section([Finding("EACS01", missing, Severity.ERROR)], details)
     try:
-        target = _parse(configured)
+        scheme, host, port = parse_access_url(configured)
     except ValueError as exc:
         return _section([Finding("EACS02", str(exc), Severity.ERROR)], details)
+    # The health endpoint lives at the root, whatever path the access URL carries.
+    target = _Target(scheme, host, port, "/healthz")
 
     findings: list[Finding] = []
     budget = deadline.sooner(REQUEST_TIMEOUT_SECONDS)
@@ -193,48 +196,13 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-def _parse(url: str) -> _Target:
-    example = "expected an absolute http(s) URL such as https://coder.example.com"
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
-        raise ValueError(f"access URL {url!r} has {shown}: {example}")
-    if not parts.hostname:
-        raise ValueError(f"access URL {url!r} has no host: {example}")
-    host = _ascii_host(parts.hostname)
-    if host is None:
-        raise ValueError(f"access URL {url!r} has a host that is not a valid name: {example}")
-    try:
-        port = parts.port or DEFAULT_PORTS[scheme]
-    except ValueError:
-        raise ValueError(f"access URL {url!r} has an invalid port: {example}") from None
-    if any(c.isspace() for c in parts.netloc):
-        raise ValueError(f"access URL {url!r} has spaces in its host: {example}")
-    # The health endpoint lives at the root, whatever path the access URL carries.
-    return _Target(scheme, host, port, "/healthz")
-
-
-def _ascii_host(hostname: str) -> str | None:
-    """The host as it goes on the wire: IDNA for international names, None if invalid."""
-    try:
-        ipaddress.ip_address(hostname)
-        return hostname
-    except ValueError:
-        pass
-    try:
-        return hostname.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return None
-
-
 def _redirect_target(current: _Target, location: str) -> _Target | None:
     """The next request of a same-host redirect, or None when it leads elsewhere."""
     parts = urlsplit(urljoin(current.url, location))
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS or not parts.hostname:
         return None
-    host = _ascii_host(parts.hostname)
+    host = ascii_host(parts.hostname)
     if host is None or host.rstrip(".") != current.host.lower().rstrip("."):
         return None
     try:

@@ -76,7 +76,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import websocket
 from websocket import ABNF
@@ -85,11 +84,11 @@ from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity, parse_rfc3339, rfc3339, utcnow
 from deployhealth.net import (
-    DEFAULT_PORTS,
     PhaseError,
     authority,
     connect_tcp,
     error_text,
+    parse_access_url,
     phase_timeout,
     resolve_host,
     tls_context,
@@ -173,7 +172,8 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         missing = "no access URL configured (set DEPLOYHEALTH_ACCESS_URL)"
         return _section([Finding("EWS01", missing, Severity.ERROR)], details)
     try:
-        target = _parse(access)
+        scheme, host, port = parse_access_url(access)
+        target = _Target(scheme == "https", host, port)
     except ValueError as exc:
         return _section([Finding("EWS01", str(exc), Severity.ERROR)], details)
     try:
@@ -211,23 +211,6 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
 def _section(findings: list[Finding], details: dict[str, Any]) -> Section:
     # healthy is Coder's: the echo passed. EWS04 is a warning and leaves it true.
     return Section.from_findings(findings, details)
-
-
-def _parse(url: str) -> _Target:
-    example = "expected an absolute http(s) URL such as https://coder.example.com"
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
-        raise ValueError(f"access URL {url!r} has {shown}: {example}")
-    if not parts.hostname or any(c.isspace() for c in parts.netloc):
-        raise ValueError(f"access URL {url!r} has no usable host: {example}")
-    try:
-        port = parts.port or DEFAULT_PORTS[scheme]
-        host = parts.hostname if ":" in parts.hostname else parts.hostname.encode("idna").decode()
-    except (ValueError, UnicodeError):
-        raise ValueError(f"access URL {url!r} has an invalid host or port: {example}") from None
-    return _Target(scheme == "https", host.lower(), port)
 
 
 # --- the opening handshake ----------------------------------------------------------
