@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import http.server
 import io
 import json
 import os
@@ -32,6 +31,7 @@ from deployhealth.checks import FAMILIES
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import SECTION_NAMES, Finding, Section, Severity, rfc3339
 from deployhealth.settings import Secret, Settings, SettingsError, StoreLocation
+from deployhealth.sim.deployment import SimulatedDeployment
 from deployhealth.sim.tcp import free_port
 from deployhealth.store import StoreUnavailable
 from deployhealth.store.sqlite import SQLiteStore
@@ -173,32 +173,10 @@ def unreadable_db(tmp_path: Path) -> Path:
     return blocker / "results.db"
 
 
-class _Coder(http.server.BaseHTTPRequestHandler):
-    """Just enough of a Coder deployment for the access_url family: GET /healthz is OK."""
-
-    def do_GET(self) -> None:
-        body = b"OK" if self.path == "/healthz" else b"not found"
-        self.send_response(200 if self.path == "/healthz" else 404)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def coder_url() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Coder)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+def coder_url(sim: SimulatedDeployment) -> str:
+    """A simulated Coder deployment whose GET /healthz answers OK."""
+    return sim.url
 
 
 def http_event(
@@ -269,12 +247,6 @@ def alb_event(
 
 def load_event(name: str) -> dict[str, Any]:
     return json.loads((EVENTS / name).read_text())
-
-
-def wait_for_events(names: list[str]) -> None:
-    missing = [n for n in names if not (EVENTS / n).is_file()]
-    if missing:
-        pytest.skip(f"sample events not written yet: {', '.join(missing)}")
 
 
 # --- /healthz --------------------------------------------------------------------------------
@@ -804,18 +776,7 @@ def test_concurrent_requests_get_their_own_answers(api: Api) -> None:
                 if response.status_code != status or (body is not None and response.text != body):
                     failures.append(f"{path}: {response.status_code} {response.text!r}")
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    # Switch threads as often as possible so that an unguarded shared request state (stock
-    # Powertools keeps the event in a class attribute) shows up here instead of in production.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_interleaved([threading.Thread(target=worker, args=(n,)) for n in range(8)])
     assert failures == []
 
 
@@ -828,35 +789,40 @@ def test_first_requests_to_a_route_arriving_together_all_succeed(make_api: ApiFa
         "/api/v2/debug/health/history?section=database": 200,
     }
     failures: list[str] = []
+    # The race is a few bytecodes wide: each round is one more chance to hit it.
+    for _ in range(5):
+        api = make_api()
+        api.seed("access_url", ok_section())
+        api.seed("database", failing_section("EDB01"))
+        start = threading.Barrier(24)
+
+        def first_request(
+            path: str, url: str = api.server.url, start: threading.Barrier = start
+        ) -> None:
+            start.wait()
+            response = requests.get(url + path, timeout=30)
+            if response.status_code != paths[path]:
+                failures.append(f"{path}: {response.status_code} {response.text!r}")
+
+        run_interleaved(
+            [threading.Thread(target=first_request, args=(path,)) for path in list(paths) * 8]
+        )
+    assert failures == []
+
+
+def run_interleaved(threads: list[threading.Thread]) -> None:
+    """Run the threads to the end, switching between them as often as possible, so that an
+    unguarded shared request state (stock Powertools keeps the event in a class attribute,
+    and builds route stacks lazily) shows up here instead of in production."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        # The race is a few bytecodes wide: each round is one more chance to hit it.
-        for _ in range(5):
-            api = make_api()
-            api.seed("access_url", ok_section())
-            api.seed("database", failing_section("EDB01"))
-            start = threading.Barrier(24)
-
-            def first_request(
-                path: str, url: str = api.server.url, start: threading.Barrier = start
-            ) -> None:
-                start.wait()
-                response = requests.get(url + path, timeout=30)
-                if response.status_code != paths[path]:
-                    failures.append(f"{path}: {response.status_code} {response.text!r}")
-
-            threads = [
-                threading.Thread(target=first_request, args=(path,))
-                for path in list(paths) * 8
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     finally:
         sys.setswitchinterval(interval)
-    assert failures == []
 
 
 # --- the HTML page -------------------------------------------------------------------------
@@ -931,7 +897,6 @@ SAMPLE_EVENTS = [
 
 
 def test_sample_events_from_the_events_directory(api: Api) -> None:
-    wait_for_events(SAMPLE_EVENTS)
     api.seed("access_url", ok_section())
     api.seed("database", failing_section("EDB01"))
 
@@ -1099,7 +1064,7 @@ def test_check_handler_runs_stores_and_summarises(
     monkeypatch.setenv("DEPLOYHEALTH_ACCESS_URL", coder_url)
     handler = check_handler("access_url")
     summary = handler(
-        load_event("schedule.json") if (EVENTS / "schedule.json").is_file() else {},
+        load_event("schedule.json"),
         FakeLambdaContext(),
     )
     assert summary == {"section": "access_url", "severity": "ok", "codes": []}
@@ -1161,7 +1126,6 @@ def cold_start(env: dict[str, str], cwd: Path, *events: str) -> tuple[list[dict[
 
 def test_api_handler_in_a_fresh_process(lambda_env: Path, tmp_path: Path) -> None:
     """`deployhealth.aws.api_handler` as Lambda runs it: a cold process, events as JSON."""
-    wait_for_events(["http-healthz.json", "alb-readyz.json"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHEALTH_")}
     env.update(DEPLOYHEALTH_NAME="coder-lambda", DEPLOYHEALTH_STORE=f"sqlite:///{lambda_env}")
     (healthz, ready), stdout = cold_start(env, tmp_path, "http-healthz.json", "alb-readyz.json")
