@@ -31,6 +31,7 @@ Decisions:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import closing
 from typing import Any
 
 from deployhealth.deadline import Deadline
@@ -103,11 +104,8 @@ def _live_replicas(
 ) -> list[Replica] | None:
     source = settings.inventory_source
     try:
-        inventory = open_inventory(settings)
-        try:
+        with closing(open_inventory(settings)) as inventory:
             replicas = inventory.replicas(deadline)
-        finally:
-            inventory.close()
     except InventoryError as exc:
         findings.append(
             Finding(

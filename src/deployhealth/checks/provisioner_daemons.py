@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import timedelta
 from typing import Any
 
@@ -69,11 +70,8 @@ def _api_major(text: str) -> int:
 def probe(settings: Settings, deadline: Deadline) -> Section:
     source = settings.inventory_source
     try:
-        inventory = open_inventory(settings)
-        try:
+        with closing(open_inventory(settings)) as inventory:
             daemons = inventory.provisioner_daemons(deadline)
-        finally:
-            inventory.close()
     except InventoryError as exc:
         message = f"cannot read the provisioner daemons ({source} inventory): {exc}"
         return Section.from_findings(

@@ -31,6 +31,7 @@ import contextlib
 import json
 import ssl
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -72,11 +73,8 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     source = settings.inventory_source
     details: dict[str, Any] = {"workspace_proxies": {"regions": []}}
     try:
-        inventory = open_inventory(settings)
-        try:
+        with closing(open_inventory(settings)) as inventory:
             proxies = inventory.proxies(probing)
-        finally:
-            inventory.close()
     except InventoryError as exc:
         finding = Finding(
             "EWP02", f"cannot read the workspace proxies ({source} inventory): {exc}",
