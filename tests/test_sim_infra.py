@@ -20,8 +20,10 @@ from deployhealth.sim.tcp import BlackHoleServer, DelayProxy, free_port
 DELAY = 0.05
 
 
-@pytest.fixture(scope="session")
-def pg() -> Iterator[LocalPostgres]:
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[LocalPostgres]:
+    """A server of this module's own: its tests stop and restart it, which the session's
+    shared `pg` must never be."""
     server = LocalPostgres()
     try:
         server.start()
@@ -30,13 +32,13 @@ def pg() -> Iterator[LocalPostgres]:
         server.close()
 
 
-def _connect(pg: LocalPostgres, port: int, timeout: float = 10.0) -> pg8000.native.Connection:
+def _connect(own_pg: LocalPostgres, port: int, timeout: float = 10.0) -> pg8000.native.Connection:
     return pg8000.native.Connection(
-        user=pg.user,
-        password=pg.password,
+        user=own_pg.user,
+        password=own_pg.password,
         host="127.0.0.1",
         port=port,
-        database=pg.database,
+        database=own_pg.database,
         timeout=timeout,
     )
 
@@ -57,20 +59,20 @@ def _threads_named(prefix: str) -> list[threading.Thread]:
 # -- LocalPostgres -------------------------------------------------------------------
 
 
-def test_url_points_at_loopback_with_credentials(pg: LocalPostgres) -> None:
-    parts = urlsplit(pg.url)
+def test_url_points_at_loopback_with_credentials(own_pg: LocalPostgres) -> None:
+    parts = urlsplit(own_pg.url)
     assert parts.scheme == "postgresql"
     assert parts.hostname == "127.0.0.1"
-    assert parts.port == pg.port
-    assert unquote(parts.username or "") == pg.user
-    assert unquote(parts.password or "") == pg.password
-    assert parts.path == f"/{pg.database}"
+    assert parts.port == own_pg.port
+    assert unquote(parts.username or "") == own_pg.user
+    assert unquote(parts.password or "") == own_pg.password
+    assert parts.path == f"/{own_pg.database}"
     assert parts.query == "sslmode=disable"
-    assert "wrong" in pg.url_with_password("wrong")
+    assert "wrong" in own_pg.url_with_password("wrong")
 
 
-def test_accepts_correct_password_over_tcp(pg: LocalPostgres) -> None:
-    parts = urlsplit(pg.url)
+def test_accepts_correct_password_over_tcp(own_pg: LocalPostgres) -> None:
+    parts = urlsplit(own_pg.url)
     conn = pg8000.native.Connection(
         user=unquote(parts.username or ""),
         password=unquote(parts.password or ""),
@@ -80,7 +82,7 @@ def test_accepts_correct_password_over_tcp(pg: LocalPostgres) -> None:
         timeout=10,
     )
     try:
-        assert conn.run("SELECT current_user") == [[pg.user]]
+        assert conn.run("SELECT current_user") == [[own_pg.user]]
         # Proves the TCP path really uses SCRAM rather than falling back to trust.
         rules = conn.run("SELECT auth_method FROM pg_hba_file_rules WHERE type = 'host'")
         assert {rule[0] for rule in rules} == {"scram-sha-256"}
@@ -89,53 +91,53 @@ def test_accepts_correct_password_over_tcp(pg: LocalPostgres) -> None:
         conn.close()
 
 
-def test_rejects_wrong_password(pg: LocalPostgres) -> None:
-    wrong = urlsplit(pg.url_with_password("not-the-password"))
+def test_rejects_wrong_password(own_pg: LocalPostgres) -> None:
+    wrong = urlsplit(own_pg.url_with_password("not-the-password"))
     with pytest.raises(pg8000.exceptions.DatabaseError) as excinfo:
         pg8000.native.Connection(
-            user=pg.user,
+            user=own_pg.user,
             password=unquote(wrong.password or ""),
             host="127.0.0.1",
-            port=pg.port,
-            database=pg.database,
+            port=own_pg.port,
+            database=own_pg.database,
             timeout=10,
         )
     assert "password authentication failed" in str(excinfo.value)
 
 
-def test_execute_seeds_and_reads_tables(pg: LocalPostgres) -> None:
-    pg.execute(
+def test_execute_seeds_and_reads_tables(own_pg: LocalPostgres) -> None:
+    own_pg.execute(
         "DROP TABLE IF EXISTS seeded; "
         "CREATE TABLE seeded (id int PRIMARY KEY, name text); "
         "INSERT INTO seeded VALUES (1, 'one'), (2, 'two')"
     )
-    assert pg.execute("SELECT name FROM seeded WHERE id = :id", id=2) == [["two"]]
-    assert pg.execute("SELECT count(*) FROM seeded") == [[2]]
+    assert own_pg.execute("SELECT name FROM seeded WHERE id = :id", id=2) == [["two"]]
+    assert own_pg.execute("SELECT count(*) FROM seeded") == [[2]]
 
 
-def test_stop_refuses_connections_and_start_returns_on_same_port(pg: LocalPostgres) -> None:
-    port = pg.port
-    pg.stop()
+def test_stop_refuses_connections_and_start_returns_on_same_port(own_pg: LocalPostgres) -> None:
+    port = own_pg.port
+    own_pg.stop()
     try:
-        assert not pg.is_running
+        assert not own_pg.is_running
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
         with pytest.raises(pg8000.exceptions.InterfaceError):
-            pg.connect(timeout=5)
+            own_pg.connect(timeout=5)
     finally:
-        pg.start()
-    assert pg.is_running
-    assert pg.port == port
-    assert pg.execute("SELECT 1") == [[1]]
+        own_pg.start()
+    assert own_pg.is_running
+    assert own_pg.port == port
+    assert own_pg.execute("SELECT 1") == [[1]]
 
 
-def test_restart_keeps_port_and_drops_sessions(pg: LocalPostgres) -> None:
-    port = pg.port
-    before = pg.connect()
+def test_restart_keeps_port_and_drops_sessions(own_pg: LocalPostgres) -> None:
+    port = own_pg.port
+    before = own_pg.connect()
     try:
-        pg.restart()
-        assert pg.port == port
-        assert pg.is_running
+        own_pg.restart()
+        assert own_pg.port == port
+        assert own_pg.is_running
         # A fast shutdown terminates existing sessions, as a real failover would.
         with pytest.raises((pg8000.exceptions.InterfaceError, pg8000.exceptions.DatabaseError)):
             before.run("SELECT 1")
@@ -143,7 +145,7 @@ def test_restart_keeps_port_and_drops_sessions(pg: LocalPostgres) -> None:
         # The server already hung up; sending Terminate may or may not notice.
         with contextlib.suppress(pg8000.exceptions.InterfaceError, OSError):
             before.close()
-    assert pg.execute("SELECT 1") == [[1]]
+    assert own_pg.execute("SELECT 1") == [[1]]
 
 
 def test_close_removes_temporary_cluster() -> None:
@@ -158,15 +160,15 @@ def test_close_removes_temporary_cluster() -> None:
 # -- DelayProxy ----------------------------------------------------------------------
 
 
-def test_delay_proxy_slows_each_round_trip(pg: LocalPostgres) -> None:
-    direct = pg.connect()
+def test_delay_proxy_slows_each_round_trip(own_pg: LocalPostgres) -> None:
+    direct = own_pg.connect()
     try:
         direct_median = _median_round_trip(direct)
     finally:
         direct.close()
 
-    with DelayProxy(pg.host, pg.port, DELAY) as proxy:
-        conn = _connect(pg, proxy.port)
+    with DelayProxy(own_pg.host, own_pg.port, DELAY) as proxy:
+        conn = _connect(own_pg, proxy.port)
         try:
             proxied_median = _median_round_trip(conn)
         finally:
@@ -177,9 +179,9 @@ def test_delay_proxy_slows_each_round_trip(pg: LocalPostgres) -> None:
     assert proxied_median > direct_median
 
 
-def test_delay_proxy_delay_can_change_while_running(pg: LocalPostgres) -> None:
-    with DelayProxy(pg.host, pg.port, 0.0) as proxy:
-        conn = _connect(pg, proxy.port)
+def test_delay_proxy_delay_can_change_while_running(own_pg: LocalPostgres) -> None:
+    with DelayProxy(own_pg.host, own_pg.port, 0.0) as proxy:
+        conn = _connect(own_pg, proxy.port)
         try:
             assert conn.run("SELECT 1") == [[1]]
             proxy.delay_seconds = DELAY
@@ -232,9 +234,9 @@ def test_delay_proxy_refuses_non_loopback_target() -> None:
         DelayProxy("192.0.2.1", 5432, 0.1)
 
 
-def test_delay_proxy_close_leaves_no_threads_or_connections(pg: LocalPostgres) -> None:
-    proxy = DelayProxy(pg.host, pg.port, 0.0).start()
-    conn = _connect(pg, proxy.port)
+def test_delay_proxy_close_leaves_no_threads_or_connections(own_pg: LocalPostgres) -> None:
+    proxy = DelayProxy(own_pg.host, own_pg.port, 0.0).start()
+    conn = _connect(own_pg, proxy.port)
     assert conn.run("SELECT 1") == [[1]]
     assert _threads_named("DelayProxy")
     proxy.close()
