@@ -1059,7 +1059,7 @@ def test_check_handler_runs_stores_and_summarises(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from deployhealth.aws import check_handler
+    from deployhealth.aws.check_function import check_handler
 
     monkeypatch.setenv("DEPLOYHEALTH_ACCESS_URL", coder_url)
     handler = check_handler("access_url")
@@ -1082,7 +1082,7 @@ def test_check_handler_runs_stores_and_summarises(
 def test_check_handler_fails_loudly(
     lambda_env: Path, unreadable_db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from deployhealth.aws import check_handler
+    from deployhealth.aws.check_function import check_handler
 
     with pytest.raises(ValueError, match="no check family"):
         check_handler("nope")
@@ -1098,7 +1098,7 @@ def test_check_handler_fails_loudly(
 
 _COLD_START_SCRIPT = """
 import json, sys
-from deployhealth.aws import api_handler
+from deployhealth.aws.api_function import api_handler
 for path in sys.argv[1:]:
     with open(path) as fh:
         response = api_handler(json.load(fh), None)
@@ -1125,7 +1125,7 @@ def cold_start(env: dict[str, str], cwd: Path, *events: str) -> tuple[list[dict[
 
 
 def test_api_handler_in_a_fresh_process(lambda_env: Path, tmp_path: Path) -> None:
-    """`deployhealth.aws.api_handler` as Lambda runs it: a cold process, events as JSON."""
+    """The API handler as Lambda runs it: a cold process, events as JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHEALTH_")}
     env.update(DEPLOYHEALTH_NAME="coder-lambda", DEPLOYHEALTH_STORE=f"sqlite:///{lambda_env}")
     (healthz, ready), stdout = cold_start(env, tmp_path, "http-healthz.json", "alb-readyz.json")

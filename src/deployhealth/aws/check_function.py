@@ -1,27 +1,18 @@
-"""Lambda entry points: the API function and one scheduled function per check family.
+"""The scheduled function of one check family: run it, store its section, emit its metrics.
 
-The handlers in functions/ hold no logic; they bind these. Everything a cold start needs is
-built on first use and kept for the life of the execution environment: settings, the store
-(and with it its boto3 client), the API's routes. Metric records (EMF) and logs both go to
-stdout, where CloudWatch Logs picks them up.
-
-Import cost matters here, because it is paid on every cold start: boto3 arrives with the
-DynamoDB store on first use, and the check families only when a family runs.
+Everything a cold start needs is built on first use and kept for the life of the execution
+environment: settings and the store (with its boto3 client). The family's own module is
+imported only when it runs, and the API's router never: a check function pays for the check.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aws_lambda_powertools import Logger
-from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
-
-from deployhealth.api.app import ApiApp, ApiContext, create_app
+from deployhealth.aws import logger
 from deployhealth.checks import FAMILIES
 from deployhealth.metrics import MetricsSink
 from deployhealth.runner import run_and_record
@@ -29,37 +20,6 @@ from deployhealth.settings import Settings, SettingsError, load_settings
 from deployhealth.store import ResultStore, StoreUnavailable, open_store
 
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
-
-logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "deployhealth")
-# The library logs through stdlib loggers under `deployhealth`. Under the default service name
-# they propagate into this Logger; under another, they need its JSON handler copied to them.
-copy_config_to_registered_loggers(source_logger=logger, include={"deployhealth"})
-
-_lock = threading.Lock()
-_api_app: ApiApp | None = None
-
-
-def api_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """The API function: HTTP API (payload 2.0) and ALB events. Never raises.
-
-    A raised exception would reach the client as API Gateway's or the ALB's own 502, which
-    a load balancer reads as "deployhealth is down"; the app turns everything into an answer.
-    """
-    return _api()(event, context)
-
-
-def _api() -> ApiApp:
-    global _api_app
-    if _api_app is None:
-        with _lock:
-            if _api_app is None:
-                context = ApiContext.from_environment(metrics_stream=sys.stdout)
-                if context.settings_error is not None:
-                    # Answering beats crashing: /healthz stays 200, /readyz says 503 and why,
-                    # the other routes 500 naming the setting (never its value).
-                    logger.error("invalid settings", extra={"error": str(context.settings_error)})
-                _api_app = create_app(context)
-    return _api_app
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Scheduled entry point of the websocket check family: both the echo and the idle probe
 function run it (no logic here: see deployhealth.aws)."""
 
-from deployhealth.aws import check_handler
+from deployhealth.aws.check_function import check_handler
 
 handler = check_handler("websocket")

@@ -1,0 +1,5 @@
+"""Scheduled entry point of the entitlements family (no logic here: see deployhealth.aws)."""
+
+from deployhealth.aws.check_function import check_handler
+
+handler = check_handler("entitlements")
