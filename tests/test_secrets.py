@@ -14,7 +14,7 @@ from aws_lambda_powertools.utilities.parameters import base as parameters_base
 
 from deployhealth.deadline import Deadline
 from deployhealth.runner import run_family
-from deployhealth.settings import SettingsError, load_settings
+from deployhealth.settings import SettingsError, is_ssm_reference, load_settings
 
 
 @pytest.fixture
@@ -79,3 +79,19 @@ def test_a_missing_secret_is_a_clear_edb01_naming_the_setting(aws):
     assert section.severity.value == "error"
     assert section.error is not None and section.error.startswith("EDB01")
     assert "DEPLOYHEALTH_DATABASE_SECRET" in section.error
+
+
+@pytest.mark.parametrize(
+    ("reference", "in_ssm"),
+    [
+        ("/coder/token", True),
+        ("arn:aws:ssm:us-east-1:123456789012:parameter/coder/token", True),
+        ("arn:aws-cn:ssm:cn-north-1:123456789012:parameter/coder/token", True),
+        ("arn:aws-us-gov:ssm:us-gov-west-1:123456789012:parameter/coder/token", True),
+        ("arn:aws-cn:secretsmanager:cn-north-1:123456789012:secret:coder-AbCdEf", False),
+        ("coder/token", False),
+    ],
+)
+def test_ssm_parameter_arns_are_recognised_in_every_partition(reference, in_ssm):
+    # The template's CoderTokenSecretInSsm condition reads the third ARN field the same way.
+    assert is_ssm_reference(reference) is in_ssm

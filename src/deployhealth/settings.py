@@ -254,16 +254,29 @@ DEFAULT_DEADLINES: dict[str, float] = {
 }
 
 
+def is_ssm_reference(reference: str) -> bool:
+    """True for an SSM parameter name (`/...`) or ARN in any partition.
+
+    >>> is_ssm_reference("arn:aws-cn:ssm:cn-north-1:123456789012:parameter/coder/token")
+    True
+    """
+    if reference.startswith("/"):
+        return True
+    parts = reference.split(":", 3)
+    return len(parts) == 4 and parts[0] == "arn" and parts[2] == "ssm"
+
+
 def fetch_secret(reference: str, key: str) -> str:
     """Read a secret through Powertools Parameters (cached for five minutes).
 
-    An `arn:aws:ssm:` ARN or a name starting with `/` is an SSM parameter (decrypted);
-    anything else is a Secrets Manager ARN or name.
+    An SSM parameter ARN (`arn:<partition>:ssm:...`, in any partition: aws, aws-cn,
+    aws-us-gov, ...) or a name starting with `/` is an SSM parameter (decrypted); anything
+    else is a Secrets Manager ARN or name.
     """
     from aws_lambda_powertools.utilities import parameters
 
     try:
-        if reference.startswith(("arn:aws:ssm:", "/")):
+        if is_ssm_reference(reference):
             value = parameters.get_parameter(reference, decrypt=True, max_age=300)
         else:
             value = parameters.get_secret(reference, max_age=300)

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from http import HTTPStatus
@@ -98,6 +99,7 @@ class ApiContext:
         store: ResultStore | None = None,
         settings_error: SettingsError | None = None,
         docs_base_url: str = "",
+        readiness_cache_seconds: float = 0.0,
     ) -> None:
         if settings is None and settings_error is None:
             raise ValueError("ApiContext needs settings or the error that loading them raised")
@@ -111,6 +113,11 @@ class ApiContext:
             self._store = _GuardedStore(store, self.describe)
         self._store_lock = threading.Lock()
         self.docs_base_url = docs_base_url
+        # Probes call /readyz every few seconds from several places; in a warm Lambda the
+        # stored results are read again only after this many seconds (0: every request).
+        # Results change once per check interval, so a few seconds hide nothing.
+        self.readiness_cache_seconds = readiness_cache_seconds
+        self._snapshot_cache: tuple[float, Snapshot] | None = None
         if metrics is None and settings is not None:
             metrics = MetricsSink(settings.metrics_namespace, settings.name, None)
         self.metrics = metrics
@@ -152,6 +159,22 @@ class ApiContext:
                     raise StoreUnavailable(location.describe(), self.describe(exc)) from None
                 self._store = _GuardedStore(opened, self.describe)
             return self._store
+
+    def readiness_snapshot(self, store: ResultStore) -> Snapshot:
+        """The stored latest results and dismissals, at most `readiness_cache_seconds` old."""
+        if self.readiness_cache_seconds <= 0:
+            return store.snapshot()
+        now = time.monotonic()
+        cached = self._snapshot_cache
+        if cached is not None and now - cached[0] < self.readiness_cache_seconds:
+            return cached[1]
+        snapshot = store.snapshot()
+        self._snapshot_cache = (now, snapshot)
+        return snapshot
+
+    def forget_snapshot(self) -> None:
+        """Called after this process wrote results or settings: the next read is fresh."""
+        self._snapshot_cache = None
 
     def dismissed(self, stored: tuple[str, ...] | None) -> tuple[str, ...]:
         """The dismissed sections: as set through the API, else as configured."""
@@ -648,7 +671,7 @@ def build_router(ctx: ApiContext) -> Router:
             settings = ctx.settings
             store = ctx.store()
             # One read: latest sections and dismissed settings come together.
-            snapshot = store.snapshot()
+            snapshot = ctx.readiness_snapshot(store)
             latest = snapshot.latest
             dismissed = ctx.dismissed(snapshot.dismissed)
             sections = [only] if only else gating_sections(settings, dismissed)
@@ -710,6 +733,7 @@ def build_router(ctx: ApiContext) -> Router:
         fresh, store_errors = run_and_record(
             settings, FAMILIES, store, ctx.metrics, max_seconds=FORCE_MAX_SECONDS
         )
+        ctx.forget_snapshot()
         if store_errors:
             raise StoreUnavailable(
                 store.description,
@@ -756,6 +780,7 @@ def build_router(ctx: ApiContext) -> Router:
             # product.md: unchanged is 204 (Coder itself answers 304 Not Modified).
             return Response(status_code=204, body="")
         store.set_dismissed(wanted)
+        ctx.forget_snapshot()
         return _json_response(200, settings_body(wanted))
 
     # -- the HTML page (authorized) --

@@ -13,6 +13,9 @@ from typing import Any
 from deployhealth.api.app import ApiApp, ApiContext, create_app
 from deployhealth.aws import logger
 
+# A warm function answers probes from results read at most this long ago (see ApiContext).
+READINESS_CACHE_SECONDS = 5.0
+
 _lock = threading.Lock()
 _api_app: ApiApp | None = None
 
@@ -31,7 +34,9 @@ def _api() -> ApiApp:
     if _api_app is None:
         with _lock:
             if _api_app is None:
-                context = ApiContext.from_environment(metrics_stream=sys.stdout)
+                context = ApiContext.from_environment(
+                    metrics_stream=sys.stdout, readiness_cache_seconds=READINESS_CACHE_SECONDS
+                )
                 if context.settings_error is not None:
                     # Answering beats crashing: /healthz stays 200, /readyz says 503 and why,
                     # the other routes 500 naming the setting (never its value).
