@@ -1149,3 +1149,27 @@ def test_api_handler_in_a_fresh_process(lambda_env: Path, tmp_path: Path) -> Non
 def test_no_response_in_this_module_was_502() -> None:
     assert SEEN, "the tests above made requests"
     assert all(status != 502 for status, _ in SEEN)
+
+
+def test_a_warm_function_reuses_its_readiness_read_until_it_writes(tmp_path: Path) -> None:
+    """With a readiness cache (the Lambda API function keeps 5 s), results stored by the
+    check functions show after the cache ages out; this process's own writes show at once."""
+    db = tmp_path / "results.db"
+    settings = make_settings(db)
+    checks = SQLiteStore(str(db), settings.name, 7.0)  # the check functions' writes
+    for name in GATING:
+        checks.put(name, failing_section())
+    app = create_app(ApiContext(settings, readiness_cache_seconds=3600))
+    with LocalApiServer(app, "127.0.0.1", 0).start() as server:
+        api = Api(app, server, checks, io.StringIO(), requests.Session())
+        assert api.get("/readyz").status_code == 503
+        for name in GATING:
+            checks.put(name, ok_section())
+        assert api.get("/readyz").status_code == 503  # the cached read, not the store
+        # A settings change made here is a write of this process: the next read is fresh.
+        dismiss_derp = {"dismissed_healthchecks": ["DERP"]}
+        changed = api.put("/api/v2/debug/health/settings", json=dismiss_derp)
+        assert changed.status_code == 200
+        assert api.get("/readyz").status_code == 200
+        api.session.close()
+    checks.close()
