@@ -554,6 +554,24 @@ def test_report_force_runs_every_family_now_and_stores_it(
     assert "[-]database failed: EDB01" in forced.get("/readyz").text
 
 
+
+def test_a_forced_run_leaves_the_families_it_cannot_reach_alone(
+    api: Api, make_api: ApiFactory, coder_url: str
+) -> None:
+    """The API function runs outside a private database's VPC: a forced run there must not
+    store a false EDB01 over the database function's good result."""
+    assert api.store is not None
+    good = ok_section(checked_at=datetime.now(UTC) - timedelta(seconds=30), reachable=True)
+    api.store.put("database", good)
+    forced = make_api(access_url=coder_url, force_skip_sections=("database",))
+    report = forced.get("/api/v2/debug/health?force=true").json()
+    assert report["access_url"]["severity"] == "ok"
+    assert report["database"]["severity"] == "ok"  # the stored result, not a new probe
+    assert api.store.latest()["database"].checked_at == good.checked_at
+    assert len(api.store.history("database")) == 1
+    assert "[+]database ok" in forced.get("/readyz?verbose").text
+
+
 # --- history -------------------------------------------------------------------------------
 
 

@@ -648,3 +648,31 @@ def test_dashboard_shows_every_function_s_errors(
     shown = {m[-1] for title, m in widget_metrics(dashboard) if title.startswith("Function errors")}
     for name in functions(template):
         assert "X" + name in shown, name
+
+
+def test_the_api_stays_out_of_the_vpc_and_its_forced_runs_skip_what_it_cannot_reach(
+    template: dict[str, Any],
+) -> None:
+    private = {"DatabaseSubnetIds": "subnet-1,subnet-2", "DatabaseSecurityGroupIds": "sg-1"}
+    for inventory in ("api", "database"):
+        params = parameter_values(
+            template, InventorySource=inventory, DatabaseSecret="coder/db", **private
+        )
+        in_vpc = {
+            name
+            for name, fn in functions(template).items()
+            if resolve(template, fn["Properties"].get("VpcConfig"), params)
+            not in (None, {"Ref": "AWS::NoValue"})
+        }
+        assert "ApiFunction" not in in_vpc
+        api = template["Resources"]["ApiFunction"]["Properties"]
+        skipped = resolve(template, env_of(template, api), params)[
+            "DEPLOYHEALTH_FORCE_SKIP_SECTIONS"
+        ].split(",")
+        for name in in_vpc:
+            family = template["Resources"][name]["Properties"]["CodeUri"].rstrip("/")
+            assert family.rpartition("/")[2] in skipped, (inventory, name)
+    # Without a private database a forced run runs every family.
+    api = template["Resources"]["ApiFunction"]["Properties"]
+    env = resolve(template, env_of(template, api), parameter_values(template))
+    assert env["DEPLOYHEALTH_FORCE_SKIP_SECTIONS"] == ""

@@ -188,6 +188,10 @@ class Settings:
     ready_fail_after: int = 1
     ready_recover_after: int = 1
     dismissed_sections: tuple[str, ...] = ()
+    # Families a forced run (`?force=true`) leaves alone because they cannot be reached from
+    # where the API runs (a private database when the API is outside its VPC): their stored
+    # results stay, instead of being overwritten by false errors.
+    force_skip_sections: tuple[str, ...] = ()
     store: StoreLocation = field(
         default_factory=lambda: StoreLocation("sqlite", path="deployhealth.db")
     )
@@ -467,6 +471,7 @@ _SPECS: dict[str, _Spec] = {
     "READY_FAIL_AFTER": _Spec("ready_fail_after", _integer(1), "2"),
     "READY_RECOVER_AFTER": _Spec("ready_recover_after", _integer(1), "2"),
     "DISMISSED_SECTIONS": _Spec("dismissed_sections", _sections, "workspace_proxy"),
+    "FORCE_SKIP_SECTIONS": _Spec("force_skip_sections", _sections, "database"),
     "STORE": _Spec("store", _store, "sqlite:///deployhealth.db"),
     "HISTORY_RETENTION_DAYS": _Spec("history_retention_days", _number(0.001), "7"),
     "METRICS_NAMESPACE": _Spec("metrics_namespace", _text, "DeployHealth"),

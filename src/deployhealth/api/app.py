@@ -730,8 +730,9 @@ def build_router(ctx: ApiContext) -> Router:
         from deployhealth.runner import run_and_record
 
         dismissed = ctx.dismissed(store.dismissed())
+        reachable = [f for f in FAMILIES if f not in settings.force_skip_sections]
         fresh, store_errors = run_and_record(
-            settings, FAMILIES, store, ctx.metrics, max_seconds=FORCE_MAX_SECONDS
+            settings, reachable, store, ctx.metrics, max_seconds=FORCE_MAX_SECONDS
         )
         ctx.forget_snapshot()
         if store_errors:
