@@ -676,3 +676,33 @@ def test_the_api_stays_out_of_the_vpc_and_its_forced_runs_skip_what_it_cannot_re
     api = template["Resources"]["ApiFunction"]["Properties"]
     env = resolve(template, env_of(template, api), parameter_values(template))
     assert env["DEPLOYHEALTH_FORCE_SKIP_SECTIONS"] == ""
+
+
+def test_each_function_may_touch_only_its_own_keys_and_never_scan_or_delete(
+    template: dict[str, Any],
+) -> None:
+    for name, fn in functions(template).items():
+        policies = fn["Properties"]["Policies"]
+        assert not any(isinstance(p, dict) and "DynamoDBCrudPolicy" in p for p in policies), name
+        statements = [
+            st
+            for p in policies
+            if isinstance(p, dict) and "Statement" in p
+            for st in p["Statement"]
+            if st["Resource"] == {"Fn::GetAtt": ["HealthTable", "Arn"]}
+        ]
+        assert len(statements) == 1, name
+        (statement,) = statements
+        actions = statement["Action"]
+        actions = {actions} if isinstance(actions, str) else set(actions)
+        assert actions <= {"dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem"}, name
+        ((operator, keys),) = statement["Condition"].items()
+        allowed = {k["Fn::Sub"] for k in keys["dynamodb:LeadingKeys"]}
+        code_uri = fn["Properties"]["CodeUri"].rstrip("/")
+        if code_uri == "functions/api":
+            assert operator == "ForAllValues:StringLike", name
+            assert allowed == {"${DeploymentName}#latest", "${DeploymentName}#history#*"}
+        else:
+            family = code_uri.rpartition("/")[2]
+            assert operator == "ForAllValues:StringEquals", name
+            assert allowed == {"${DeploymentName}#latest", f"${{DeploymentName}}#history#{family}"}
