@@ -236,10 +236,10 @@ def test_certificate_expiring_soon_is_eacs06_warning(
     left = parse_rfc3339(data["tls_not_after"]) - dt.datetime.now(dt.UTC)
     assert dt.timedelta(days=4) < left <= dt.timedelta(days=5)
 
-    # The dashboard's TlsCertDaysLeft metric says the same.
+    # The EMF record's tls_days_left property says the same.
     stream = io.StringIO()
     MetricsSink("DeployHealth", "coder", stream).section("access_url", section)
-    (days_left,) = json.loads(stream.getvalue())["TlsCertDaysLeft"]
+    days_left = json.loads(stream.getvalue())["tls_days_left"]
     assert 4 < days_left <= 5
 
 
@@ -280,10 +280,10 @@ def test_healthy_https_deployment(
     assert isinstance(data["timings_ms"]["tls"], float)
     left = parse_rfc3339(data["tls_not_after"]) - dt.datetime.now(dt.UTC)
     assert dt.timedelta(days=89) < left <= dt.timedelta(days=90)
-    # What the dashboard and the expiry alarm read.
+    # What the Logs Insights queries read (properties of the record, not metrics).
     record = MetricsSink("DeployHealth", "coder", None).section("access_url", section)
-    assert record["AccessUrlStatusCode"] == [200]
-    assert 89 < record["TlsCertDaysLeft"][0] <= 90
+    assert record["access_url_status_code"] == 200
+    assert 89 < record["tls_days_left"] <= 90
 
 
 def test_chunked_body_is_decoded(serve: Callable[..., Served]) -> None:

@@ -22,10 +22,9 @@ from typing import Any
 import pytest
 from support.peers import require_program, running_nginx
 
-from deployhealth.checks.derp import go_duration, item_metrics, probe, section_metrics
+from deployhealth.checks.derp import go_duration, probe, section_properties
 from deployhealth.deadline import Deadline
 from deployhealth.derpclient import DerpClient, NodeTarget
-from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Section, Severity
 from deployhealth.net import blocked_address_check
 from deployhealth.runner import run_probe
@@ -547,23 +546,24 @@ def test_family_returns_within_its_deadline_against_black_holes(stun_servers):
     assert "no answer in time" in report["error"] and "no STUN answer" in report["error"]
 
 
-# --- metrics ---------------------------------------------------------------------------------
+# --- EMF properties --------------------------------------------------------------------------
 
 
-def test_metrics_carry_the_round_trip_per_region_and_stun_reachability(sim):
+def test_properties_carry_the_round_trip_per_region_and_stun_reachability(sim):
     settings = Settings(access_url=sim.url, stun_servers=tuple(servers_of(sim)))
     section = run(settings)
-    assert list(section_metrics(section)) == [Datum("StunReachable", MetricUnit.Count, 1)]
-    # STUN-only regions relay nothing: one record, for the embedded relay.
-    ((dimensions, (datum,)),) = list(item_metrics(section))
-    assert dimensions == {"Region": "999"}
-    assert datum.name == "DerpRoundTripMs" and datum.unit is MetricUnit.Milliseconds
-    assert 0 < datum.value < 1000
+    properties = section_properties(section)
+    assert properties["stun_reachable"] == 1
+    # STUN-only regions relay nothing: only the embedded relay has a round trip.
+    timed = [r for r in properties["derp_regions"] if "round_trip_ms" in r]
+    assert [r["region"] for r in timed] == ["999"]
+    assert 0 < timed[0]["round_trip_ms"] < 1000 and timed[0]["severity"] == "ok"
+    assert {r["region"] for r in properties["derp_regions"]} == set(section.details["regions"])
 
     sim.set_faults({"stun": "silent", "derp": "down"})
-    failing = run(settings, seconds=3.0)
-    assert list(section_metrics(failing)) == [Datum("StunReachable", MetricUnit.Count, 0)]
-    assert list(item_metrics(failing)) == []
+    failing = section_properties(run(settings, seconds=3.0))
+    assert failing["stun_reachable"] == 0
+    assert all("round_trip_ms" not in r for r in failing["derp_regions"])
 
 
 def test_round_trip_text_is_go_duration():

@@ -177,15 +177,16 @@ def test_unreadable_inventory_is_eunknown(sim: SimulatedDeployment) -> None:
 # --- metrics --------------------------------------------------------------------------
 
 
-def test_active_daemons_metric(sim: SimulatedDeployment) -> None:
+def test_active_daemons_property(sim: SimulatedDeployment) -> None:
     stream = io.StringIO()
     record = MetricsSink("DeployHealth", "coder", stream).section(
         "provisioner_daemons", run(api_settings(sim))
     )
-    assert record["ProvisionerDaemonsActive"] == [2.0]
+    assert record["provisioner_daemons_active"] == 2
+    assert json.loads(stream.getvalue())["provisioner_daemons_active"] == 2
     set_faults(sim, provisioners="none")
     record = MetricsSink("DeployHealth", "coder", None).section(
         "provisioner_daemons", run(api_settings(sim))
     )
-    assert record["ProvisionerDaemonsActive"] == [0.0]
-    assert record["SectionSeverity"] == [2]
+    assert record["provisioner_daemons_active"] == 0
+    assert record["SectionSeverity"] == 2

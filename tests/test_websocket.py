@@ -240,7 +240,7 @@ def test_healthy_echo(sim: SimulatedDeployment) -> None:
     assert data["idle_seconds"] == 0
     json.dumps(data)
     record = metrics(section)
-    assert "WebsocketIdleSurvived" not in record and "WebsocketServerPings" not in record
+    assert "ws_idle_survived" not in record and "ws_server_pings" not in record
 
 
 # --- the idle probe (EWS04) ---------------------------------------------------------
@@ -256,8 +256,8 @@ def test_idle_probe_passes_when_the_server_pings(sim: SimulatedDeployment) -> No
     assert data["server_pings"] >= 2
     assert data["idle_checked_at"] is not None
     record = metrics(section)
-    assert record["WebsocketIdleSurvived"] == [1.0]
-    assert record["WebsocketServerPings"] == [float(data["server_pings"])]
+    assert record["ws_idle_survived"] == 1 and record["ws_idle_carried_over"] == 0
+    assert record["ws_server_pings"] == data["server_pings"]
 
 
 def test_connection_cut_while_idle_is_ews04(sim: SimulatedDeployment) -> None:
@@ -274,7 +274,7 @@ def test_connection_cut_while_idle_is_ews04(sim: SimulatedDeployment) -> None:
     assert "of a 3 s idle window, with 0 server pings" in text
     assert "dropped without a close frame" in text
     assert "60 s on an AWS ALB" in text
-    assert metrics(section)["WebsocketIdleSurvived"] == [0.0]
+    assert metrics(section)["ws_idle_survived"] == 0
 
 
 def test_server_ending_an_idle_session_itself_is_no_verdict_not_ews04() -> None:
@@ -342,6 +342,8 @@ def test_echo_only_run_carries_the_stored_idle_verdict(
     assert data["idle_survived"] is False and data["idle_carried_over"] is True
     assert data["idle_seconds"] == 1.5
     assert data["idle_checked_at"] == previous.to_dict()["idle_checked_at"]
+    record = metrics(shown)
+    assert record["ws_idle_survived"] == 0 and record["ws_idle_carried_over"] == 1
 
     # An old verdict is not carried, and a run with its own verdict keeps it.
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)

@@ -352,7 +352,7 @@ def test_metadata_address_is_refused_without_a_connection(
 # --- metrics --------------------------------------------------------------------------
 
 
-def test_proxy_status_metric_per_proxy(farm: ProxyFarm) -> None:
+def test_proxy_status_per_proxy_in_one_record(farm: ProxyFarm) -> None:
     ok = farm.add(ProxyReply())
     bad = farm.add(ProxyReply(status=502, body=b"bad gateway", content_type="text/plain"))
     gone = f"http://127.0.0.1:{free_port()}"
@@ -365,18 +365,23 @@ def test_proxy_status_metric_per_proxy(farm: ProxyFarm) -> None:
     ]
     (error,) = regions(section)["bad"]["status"]["report"]["errors"]
     assert "answered 502 Bad Gateway: body 'bad gateway'" in error
-    records = _records(section)
-    by_proxy = {r["Proxy"]: r["ProxyStatus"] for r in records if "Proxy" in r}
-    assert by_proxy == {"ok": [1.0], "bad": [-1.0], "gone": [-2.0], "new": [0.0]}
-    dimensions = next(r for r in records if "Proxy" in r)["_aws"]["CloudWatchMetrics"][0]
-    assert dimensions["Dimensions"] == [["Deployment", "Section", "Proxy"]]
+    (record,) = _records(section)
+    by_proxy = {p["name"]: (p["status"], p["status_value"]) for p in record["proxies"]}
+    assert by_proxy == {
+        "ok": ("ok", 1), "bad": ("unhealthy", -1), "gone": ("unreachable", -2),
+        "new": ("unregistered", 0),
+    }
+    # One metric, no per-proxy dimension: the statuses are properties of the record.
+    directive = record["_aws"]["CloudWatchMetrics"][0]
+    assert directive["Dimensions"] == [["Deployment", "Section"]]
+    assert [m["Name"] for m in directive["Metrics"]] == ["SectionSeverity"]
 
 
-def test_unprobed_proxy_metric_is_unknown(farm: ProxyFarm) -> None:
+def test_unprobed_proxy_status_is_unknown(farm: ProxyFarm) -> None:
     slow = farm.add(ProxyReply(delay=10.0))
     section = run(static_settings(("slow", slow.url)), deadline_seconds=1.0)
-    record = [r for r in _records(section) if r.get("Proxy") == "slow"]
-    assert record[0]["ProxyStatus"] == [-3.0]
+    (record,) = _records(section)
+    assert record["proxies"] == [{"name": "slow", "status": "unknown", "status_value": -3}]
 
 
 def _records(section: Section) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """The check families: one module each, each exposing `probe(settings, deadline) -> Section`.
 
 Besides `probe`, a family module may define hooks, found by name with `family_hook`:
-`section_metrics` and `item_metrics` (see deployhealth.metrics), and
+`section_properties(section) -> dict[str, Any]`, the family's values for the properties of
+its section's EMF record (no metrics: see deployhealth.metrics and docs/metrics.md), and
 `merge_previous(previous, section) -> Section`, called with the stored latest section before
 a new one is recorded (the websocket family carries its idle verdict over with it).
 

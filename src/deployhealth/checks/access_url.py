@@ -32,14 +32,12 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from deployhealth.deadline import Deadline, DeadlineExceeded
-from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity, parse_rfc3339, rfc3339
 from deployhealth.net import (
     DEFAULT_PORTS,
@@ -524,12 +522,17 @@ def _der_time(tag: int, text: str) -> datetime | None:
     return moment.replace(tzinfo=UTC)
 
 
-def section_metrics(section: Section) -> Iterator[Datum]:
-    """AccessUrlStatusCode and TlsCertDaysLeft for the dashboard (see deployhealth.metrics)."""
+def section_properties(section: Section) -> dict[str, Any]:
+    """`access_url_status_code` (when /healthz answered) and `tls_days_left` (HTTPS).
+
+    Properties of the section's EMF record, not metrics (see deployhealth.metrics).
+    """
+    properties: dict[str, Any] = {}
     status = section.details.get("status_code")
-    if isinstance(status, int) and status > 0:
-        yield Datum("AccessUrlStatusCode", MetricUnit.NoUnit, status)
+    if isinstance(status, int) and not isinstance(status, bool) and status > 0:
+        properties["access_url_status_code"] = status
     not_after = section.details.get("tls_not_after")
     if isinstance(not_after, str):
         left = (parse_rfc3339(not_after) - datetime.now(UTC)).total_seconds() / 86400
-        yield Datum("TlsCertDaysLeft", MetricUnit.Count, round(left, 2))
+        properties["tls_days_left"] = round(left, 2)
+    return properties

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pg8000.native
 
 from deployhealth import pgconn
 from deployhealth.deadline import Deadline, DeadlineExceeded
-from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity
 from deployhealth.redact import Redactor
 from deployhealth.settings import Settings, SettingsError
@@ -130,9 +128,13 @@ def _ping(conn: pg8000.native.Connection, sock: socket.socket, budget: Deadline)
     return latencies
 
 
-def section_metrics(section: Section) -> Iterator[Datum]:
-    """DatabaseLatencyMs, when the database answered (see deployhealth.metrics)."""
+def section_properties(section: Section) -> dict[str, Any]:
+    """`db_latency_ms` (the exact median), when the database answered.
+
+    A property of the section's EMF record, not a metric (see deployhealth.metrics).
+    """
     if section.details.get("reachable"):
         latency = section.details.get("latency_ms_exact", section.details.get("latency_ms"))
-        if isinstance(latency, int | float):
-            yield Datum("DatabaseLatencyMs", MetricUnit.Milliseconds, float(latency))
+        if isinstance(latency, int | float) and not isinstance(latency, bool):
+            return {"db_latency_ms": float(latency)}
+    return {}

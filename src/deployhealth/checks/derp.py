@@ -31,7 +31,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,6 @@ from urllib.parse import urlsplit
 
 from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.derpclient import DerpClient, DerpError, NodeTarget
-from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity
 from deployhealth.net import AddressCheck, blocked_address_check
 from deployhealth.settings import BLOCKED_NETWORKS, Settings
@@ -669,7 +668,8 @@ def _node_report(
         "client_logs": [] if stun_only else result.client_logs,
         "client_errs": [] if stun_only else result.client_errs,
         "stun": stun,
-        # deployhealth's own: the round trip unrounded, for the DerpRoundTripMs metric.
+        # deployhealth's own: the round trip unrounded, for `derp_regions` (see
+        # section_properties).
         "round_trip_ping_ms_exact": round(rtt * 1000, 3) if rtt is not None else None,
     }
     if errors:
@@ -814,31 +814,38 @@ def _decimal(value: int, unit: int, digits: int) -> str:
     return f"{whole}.{tail}" if tail else str(whole)
 
 
-# --- metrics -------------------------------------------------------------------------------
+# --- EMF properties ------------------------------------------------------------------------
 
 
-def section_metrics(section: Section) -> Iterator[Datum]:
-    """StunReachable (1/0), where any node has STUN enabled."""
+def section_properties(section: Section) -> dict[str, Any]:
+    """`stun_reachable` (1/0, where any node has STUN enabled) and `derp_regions`.
+
+    Properties of the section's EMF record, not metrics (see deployhealth.metrics).
+    `derp_regions` has one item per region of the map: `region` (its ID, a string), `code`
+    (its RegionCode), `severity`, and `round_trip_ms`, the slowest node that relayed (so a
+    slow node shows), absent when no node of the region relayed (STUN-only regions).
+    """
+    properties: dict[str, Any] = {}
     enabled = capable = False
-    for region in (section.details.get("regions") or {}).values():
+    items: list[dict[str, Any]] = []
+    for region_id, region in (section.details.get("regions") or {}).items():
+        times: list[float] = []
         for node in region.get("node_reports") or []:
             stun = node.get("stun") or {}
             enabled = enabled or bool(stun.get("Enabled"))
             capable = capable or bool(stun.get("CanSTUN"))
-    if enabled:
-        yield Datum("StunReachable", MetricUnit.Count, 1 if capable else 0)
-
-
-def item_metrics(section: Section) -> Iterator[tuple[dict[str, str], list[Datum]]]:
-    """DerpRoundTripMs per region: the slowest node that relayed, so a slow node shows."""
-    for region_id, region in (section.details.get("regions") or {}).items():
-        times = [
-            float(node["round_trip_ping_ms_exact"])
-            for node in region.get("node_reports") or []
-            if node.get("can_exchange_messages")
-            and isinstance(node.get("round_trip_ping_ms_exact"), int | float)
-        ]
+            exact = node.get("round_trip_ping_ms_exact")
+            if node.get("can_exchange_messages") and isinstance(exact, int | float):
+                times.append(float(exact))
+        item: dict[str, Any] = {
+            "region": str(region_id),
+            "code": str((region.get("region") or {}).get("RegionCode") or ""),
+            "severity": str(region.get("severity", "")),
+        }
         if times:
-            yield {"Region": str(region_id)}, [
-                Datum("DerpRoundTripMs", MetricUnit.Milliseconds, max(times))
-            ]
+            item["round_trip_ms"] = max(times)
+        items.append(item)
+    if enabled:
+        properties["stun_reachable"] = 1 if capable else 0
+    properties["derp_regions"] = items
+    return properties

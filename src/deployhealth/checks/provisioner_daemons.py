@@ -20,14 +20,12 @@ section lists them again, with the daemon's name, in `warnings` or `error`. Ther
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from contextlib import closing
 from datetime import timedelta
 from typing import Any
 
 from deployhealth.deadline import Deadline
 from deployhealth.inventory import CoderAPI, InventoryError, ProvisionerDaemon, open_inventory
-from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity, rfc3339, utcnow
 from deployhealth.settings import Settings
 
@@ -208,8 +206,12 @@ def _none_active(daemons: list[ProvisionerDaemon]) -> str:
     return message + f" ({len(daemons)} known; the most recent was seen at {rfc3339(max(seen))})"
 
 
-def section_metrics(section: Section) -> Iterator[Datum]:
-    """ProvisionerDaemonsActive: the daemons seen within 90 s."""
+def section_properties(section: Section) -> dict[str, Any]:
+    """`provisioner_daemons_active`: the daemons seen within 90 s, when they could be listed.
+
+    A property of the section's EMF record, not a metric (see deployhealth.metrics).
+    """
     items = section.details.get("items")
     if isinstance(items, list):
-        yield Datum("ProvisionerDaemonsActive", MetricUnit.Count, float(len(items)))
+        return {"provisioner_daemons_active": len(items)}
+    return {}

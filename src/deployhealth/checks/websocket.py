@@ -60,8 +60,9 @@ previous latest `websocket` section has one no older than `IDLE_VERDICT_MAX_AGE_
 the new section gets its `idle_*` and `server_pings` keys, `idle_carried_over: true`, and
 its EWS04 warning. It is a pure function; it needs one call where sections are recorded
 (read the latest `websocket` section from the store before writing the new one), which is
-outside this module. `section_metrics` then reports the idle metrics from every run that
-holds a verdict, fresh or carried, so an alarm on them has a point every minute.
+outside this module. `section_properties` then reports the idle verdict in every run's
+record that holds one, fresh or carried (`ws_idle_carried_over`), so a query over them has
+a point every minute.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -81,7 +81,6 @@ import websocket
 from websocket import ABNF
 
 from deployhealth.deadline import Deadline, DeadlineExceeded
-from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity, parse_rfc3339, rfc3339, utcnow
 from deployhealth.net import (
     PhaseError,
@@ -583,14 +582,24 @@ def merge_previous(
     return merged
 
 
-# --- metrics ------------------------------------------------------------------------
+# --- EMF properties ---------------------------------------------------------------
 
 
-def section_metrics(section: Section) -> Iterator[Datum]:
-    """WebsocketIdleSurvived (1/0) and WebsocketServerPings, when there is an idle verdict."""
+def section_properties(section: Section) -> dict[str, Any]:
+    """`ws_idle_survived`, `ws_idle_carried_over` (1/0 each) and `ws_server_pings`.
+
+    Properties of the section's EMF record, not metrics (see deployhealth.metrics), present
+    when there is an idle verdict. The flags are numbers so that Logs Insights can average
+    survival into a rate and filter carried-over verdicts out.
+    """
     survived = section.details.get("idle_survived")
-    if isinstance(survived, bool):
-        yield Datum("WebsocketIdleSurvived", MetricUnit.Count, 1.0 if survived else 0.0)
-        pings = section.details.get("server_pings")
-        if isinstance(pings, int | float):
-            yield Datum("WebsocketServerPings", MetricUnit.Count, float(pings))
+    if not isinstance(survived, bool):
+        return {}
+    properties: dict[str, Any] = {
+        "ws_idle_survived": 1 if survived else 0,
+        "ws_idle_carried_over": 1 if section.details.get("idle_carried_over") else 0,
+    }
+    pings = section.details.get("server_pings")
+    if isinstance(pings, int | float) and not isinstance(pings, bool):
+        properties["ws_server_pings"] = pings
+    return properties

@@ -16,9 +16,10 @@ URL), `unreachable` (DNS, connect, TLS, timeout). Two choices the contract leave
 
 - A probe cut short by the *family* deadline (its budget was under 5 s when it started, and
   it timed out) did not finish: the proxy is listed under EWP01 with status `unknown`
-  (metric -3) instead of being called unreachable for a timeout shorter than its own.
-  Proxies not started before the deadline are listed the same way. Unprobed proxies do not
-  count in the verdict (unknown is not broken): the section is at least a warning by EWP01.
+  (`status_value` -3 in the EMF record) instead of being called unreachable for a timeout
+  shorter than its own. Proxies not started before the deadline are listed the same way.
+  Unprobed proxies do not count in the verdict (unknown is not broken): the section is at
+  least a warning by EWP01.
 - A URL refused by the address guard is `unhealthy` (the registered URL is wrong), and an
   unregistered proxy carries one error saying it has no URL, so that every proxy that is
   not `ok` says why in `error` or `warnings`.
@@ -30,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,7 +39,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from deployhealth.deadline import Deadline
 from deployhealth.inventory import InventoryError, Proxy, coder_error_text, open_inventory
-from deployhealth.metrics import Datum, MetricUnit
 from deployhealth.model import Finding, Section, Severity, rfc3339, utcnow
 from deployhealth.net import IPNetwork, PhaseError, networks, tls_context
 from deployhealth.netguard import BlockedAddressError, Fetched, FetchError, GuardError, fetch
@@ -55,7 +54,7 @@ COLLECT_MARGIN_SECONDS = 0.1
 BUILD_VERSION_HEADER = "X-Coder-Build-Version"
 USER_AGENT = "deployhealth/0.1 (+workspace_proxy check)"
 
-STATUS_METRIC = {"ok": 1, "unhealthy": -1, "unreachable": -2, "unregistered": 0, "unknown": -3}
+STATUS_VALUE = {"ok": 1, "unhealthy": -1, "unreachable": -2, "unregistered": 0, "unknown": -3}
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
 
@@ -332,12 +331,20 @@ def _verdict(
     return section
 
 
-def item_metrics(section: Section) -> Iterator[tuple[dict[str, str], list[Datum]]]:
-    """ProxyStatus per proxy: 1 ok, -1 unhealthy, -2 unreachable, 0 unregistered, -3 unknown."""
-    regions = (section.details.get("workspace_proxies") or {}).get("regions") or []
-    for region in regions:
-        status = (region.get("status") or {}).get("status", "unknown")
-        value = STATUS_METRIC.get(status, STATUS_METRIC["unknown"])
-        yield {"Proxy": str(region.get("name", ""))}, [
-            Datum("ProxyStatus", MetricUnit.Count, float(value))
-        ]
+def section_properties(section: Section) -> dict[str, Any]:
+    """`proxies`: one item per proxy, `name`, `status` and `status_value`.
+
+    A property of the section's EMF record, not a metric (see deployhealth.metrics).
+    `status_value` is STATUS_VALUE's number: 1 ok, -1 unhealthy, -2 unreachable,
+    0 unregistered, -3 unknown. Only the name: a URL is not copied.
+    """
+    items: list[dict[str, Any]] = []
+    for region in (section.details.get("workspace_proxies") or {}).get("regions") or []:
+        status = str((region.get("status") or {}).get("status", "unknown"))
+        if status not in STATUS_VALUE:
+            status = "unknown"
+        items.append(
+            {"name": str(region.get("name", "")), "status": status,
+             "status_value": STATUS_VALUE[status]}
+        )
+    return {"proxies": items}
