@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cfnlint.api import ManualArgs, lint_file
-from cfnlint.decode import cfn_yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from support.template import env_of, load_template, parameter_values, resolve
 
 from deployhealth.api.app import FORCE_MAX_SECONDS
 from deployhealth.checks import FAMILIES
@@ -46,7 +49,7 @@ IAM_ROUTES = {
 @pytest.fixture(scope="module")
 def template() -> dict[str, Any]:
     # Plain dicts and lists; intrinsic functions stay as {"Ref": ...}, {"Fn::Sub": ...}.
-    return json.loads(json.dumps(cfn_yaml.load(str(TEMPLATE))))
+    return load_template(TEMPLATE)
 
 
 def resources_of(template: dict[str, Any], rtype: str) -> dict[str, dict[str, Any]]:
@@ -83,71 +86,6 @@ def deployed_families(template: dict[str, Any]) -> set[str]:
         for fn in functions(template).values()
         if (code_uri := fn["Properties"].get("CodeUri", "")).startswith("functions/checks/")
     }
-
-
-def env_of(template: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-    """A function's environment: the Globals merged with its own (as SAM merges them)."""
-    return {
-        **template["Globals"]["Function"]["Environment"]["Variables"],
-        **props.get("Environment", {}).get("Variables", {}),
-    }
-
-
-def parameter_values(template: dict[str, Any], **overrides: str) -> dict[str, str]:
-    """Every parameter's default (CommaDelimitedList as text), with overrides."""
-    values = {k: str(p.get("Default", "")) for k, p in template["Parameters"].items()}
-    values.update(overrides)
-    return values
-
-
-def resolve(template: dict[str, Any], value: Any, params: dict[str, str]) -> Any:
-    """Evaluate the intrinsic functions this template uses on parameters, for given values."""
-    if isinstance(value, list):
-        return [resolve(template, v, params) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) != 1 or not next(iter(value)).startswith(("Ref", "Fn::", "Condition")):
-        return {k: resolve(template, v, params) for k, v in value.items()}
-    ((fn, arg),) = value.items()
-    if fn == "Ref":
-        if arg in params:
-            kind = template["Parameters"][arg]["Type"]
-            text = params[arg]
-            return [x for x in text.split(",")] if kind == "CommaDelimitedList" else text
-        return value  # a resource or pseudo parameter: left as is
-    if fn == "Fn::FindInMap":
-        mapping, key, attr = (resolve(template, a, params) for a in arg)
-        return template["Mappings"][mapping][key][attr]
-    if fn == "Fn::Sub" and isinstance(arg, str):
-        return re.sub(r"\$\{(\w+)\}", lambda m: params.get(m[1], m[0]), arg)
-    if fn == "Fn::Join":
-        sep, items = arg
-        return sep.join(resolve(template, items, params))
-    if fn == "Fn::Split":
-        sep, text = (resolve(template, a, params) for a in arg)
-        return text.split(sep)
-    if fn == "Fn::Select":
-        index, items = (resolve(template, a, params) for a in arg)
-        return items[int(index)]
-    if fn == "Fn::Equals":
-        a, b = (resolve(template, x, params) for x in arg)
-        return a == b
-    if fn == "Fn::Not":
-        return not resolve(template, arg[0], params)
-    if fn == "Fn::And":
-        return all(resolve(template, x, params) for x in arg)
-    if fn == "Fn::Or":
-        return any(resolve(template, x, params) for x in arg)
-    if fn == "Condition":
-        return condition(template, arg, params)
-    if fn == "Fn::If":
-        name, yes, no = arg
-        return resolve(template, yes if condition(template, name, params) else no, params)
-    return value
-
-
-def condition(template: dict[str, Any], name: str, params: dict[str, str]) -> bool:
-    return bool(resolve(template, template["Conditions"][name], params))
 
 
 def policies_of(template: dict[str, Any], props: dict[str, Any], params: dict[str, str]) -> list:
@@ -533,13 +471,28 @@ def test_layers_build_for_python_312_arm64(template: dict[str, Any]) -> None:
         assert layer["Metadata"]["BuildArchitecture"] == "arm64"
         assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
         assert layer["Properties"]["CompatibleRuntimes"] == ["python3.12"]
-    requirements = (ROOT / deps["Properties"]["ContentUri"] / "requirements.txt").read_text()
-    names = {
-        re.split(r"[<>=!~ \[]", line.strip(), maxsplit=1)[0].lower()
-        for line in requirements.splitlines()
+    # requirements.in: the top-level packages, pyproject's dependencies but boto3 (the runtime
+    # ships it). requirements.txt: their lock (`make lock`), every package pinned and hashed.
+    content = ROOT / deps["Properties"]["ContentUri"]
+    top = {
+        canonicalize_name(Requirement(line).name)
+        for line in (content / "requirements.in").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert names == {"aws-lambda-powertools", "requests", "pg8000", "websocket-client", "pynacl"}
+    assert top == {"aws-lambda-powertools", "requests", "pg8000", "websocket-client", "pynacl"}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert top == {canonicalize_name(Requirement(r).name) for r in pyproject["dependencies"]} - {
+        "boto3"
+    }
+    lock = (content / "requirements.txt").read_text().replace("\\\n", " ")
+    entries = [line for line in lock.splitlines() if line.strip() and line.lstrip()[0] != "#"]
+    pinned = {}
+    for entry in entries:
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)", entry)
+        assert match, f"not pinned with hashes: {entry[:120]}"
+        pinned[canonicalize_name(match[1])] = match[2]
+    assert top <= set(pinned)
+    assert not {"boto3", "botocore", "s3transfer"} & set(pinned), "the runtime ships the SDK"
 
 
 def test_events_are_valid_json() -> None:
@@ -616,30 +569,27 @@ def test_dashboard_shows_every_section_severity(dashboard: dict[str, Any]) -> No
     assert sections == list(SECTION_NAMES)
 
 
-def test_dashboard_searches_derp_regions_and_proxies(dashboard: dict[str, Any]) -> None:
-    expressions = [
-        m[0]["expression"]
-        for _, m in widget_metrics(dashboard)
-        if isinstance(m[0], dict) and "expression" in m[0]
-    ]
-    derp = [e for e in expressions if '"DerpRoundTripMs"' in e]
-    proxy = [e for e in expressions if '"ProxyStatus"' in e]
-    assert len(derp) == 1 and len(proxy) == 1
-    assert derp[0].startswith("SEARCH('{DeployHealth,Deployment,Region,Section} ")
-    assert 'Section="derp"' in derp[0] and 'Deployment="XDeploymentName"' in derp[0]
-    assert proxy[0].startswith("SEARCH('{DeployHealth,Deployment,Proxy,Section} ")
-    assert 'Section="workspace_proxy"' in proxy[0]
-
-
-def test_dashboard_shows_the_family_metrics(dashboard: dict[str, Any]) -> None:
-    named = {
-        (m[1], m[5] if len(m) > 5 else None)
-        for _, m in widget_metrics(dashboard)
-        if m and m[0] == "DeployHealth"
+def test_dashboard_queries_per_item_values_from_the_logs(dashboard: dict[str, Any]) -> None:
+    """Per-item values are EMF properties, not metrics: the dashboard reads them with Logs
+    Insights over the families' own log groups."""
+    queries = {
+        w["properties"]["title"]: w["properties"]["query"]
+        for w in dashboard["widgets"]
+        if w["type"] == "log"
     }
-    assert ("StunReachable", "derp") in named
-    assert ("ProvisionerDaemonsActive", "provisioner_daemons") in named
-    assert ("WebsocketIdleSurvived", "websocket") in named
+    derp = [q for q in queries.values() if "unnest record.derp_regions" in q]
+    proxies = [q for q in queries.values() if "unnest record.proxies" in q]
+    assert len(derp) == 1 and len(proxies) == 1
+    assert derp[0].startswith("SOURCE '/aws/lambda/XAWSStackName/derp' |")
+    assert proxies[0].startswith("SOURCE '/aws/lambda/XAWSStackName/workspace_proxy' |")
+    (durations,) = [q for t, q in queries.items() if t.startswith("Check duration")]
+    for family in FAMILIES:
+        assert f"SOURCE '/aws/lambda/XAWSStackName/{family}'" in durations, family
+
+
+def test_dashboard_reads_only_the_fixed_metric_set(dashboard: dict[str, Any]) -> None:
+    named = {m[1] for _, m in widget_metrics(dashboard) if m and m[0] == "DeployHealth"}
+    assert named == {"SectionSeverity", "Ready"}
 
 
 def test_dashboard_shows_every_function_s_errors(
