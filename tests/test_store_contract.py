@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
 import os
 import socket
 import threading
@@ -455,3 +456,22 @@ def test_sqlite_path_under_a_file_is_store_unavailable(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StoreUnavailable, match="sqlite:///"):
         SQLiteStore(str(blocker / "results.db"), "coder", 7)
+
+
+def test_dynamodb_reads_sections_stored_before_compression(dynamodb_endpoint: str) -> None:
+    """Tables written by the previous release hold the JSON text in `body`: still readable."""
+    table = f"legacy-{uuid.uuid4().hex[:8]}"
+    store = DynamoDBStore(table, "coder", 7.0, region="us-east-1", endpoint_url=dynamodb_endpoint)
+    store.create_table()
+    section = Section.from_findings([], {"reachable": True})
+    boto3.client("dynamodb", region_name="us-east-1", endpoint_url=dynamodb_endpoint).put_item(
+        TableName=table,
+        Item={
+            "pk": {"S": "coder#latest"},
+            "sk": {"S": "database"},
+            "body": {"S": json.dumps(section.to_stored())},
+            "checked_at": {"N": "1"},
+        },
+    )
+    assert store.latest()["database"].details == {"reachable": True}
+    store.close()

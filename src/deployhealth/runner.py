@@ -103,7 +103,10 @@ def run_families(
 
 @dataclass
 class Recorder:
-    """Stores each finished section and emits its metrics; store failures are collected.
+    """Stores each finished section, then emits its metrics; store failures are collected.
+
+    A section that could not be stored emits no metric, so its SectionSeverity goes missing
+    exactly when its stored result goes stale.
 
     A family with a `merge_previous` hook sees the stored latest section first, and what it
     returns is what gets recorded (and returned by run_and_record).
@@ -122,13 +125,16 @@ class Recorder:
             except StoreUnavailable as exc:
                 self.store_errors.append(str(exc))
         self.recorded[name] = section
-        if self.metrics is not None:
-            self.metrics.section(name, section)
         if self.store is not None:
             try:
                 self.store.put(name, section)
             except StoreUnavailable as exc:
                 self.store_errors.append(str(exc))
+                # No metric for a result that was not stored: readiness will find it stale,
+                # and the section alarm (missing data breaches) must page for the same reason.
+                return
+        if self.metrics is not None:
+            self.metrics.section(name, section)
 
 
 def run_and_record(

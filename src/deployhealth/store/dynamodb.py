@@ -10,8 +10,10 @@ Single-table design (keys `pk` S, `sk` S; TTL attribute `expires_at`, epoch seco
 All latest sections of a deployment and its settings share one partition, so `snapshot()`,
 all that readiness reads, is one Query. (Section names never start with `#`.) History
 sort keys are fixed-width UTC timestamps, so they order by time and `since` is a key condition.
-The section body is a JSON string rather than a DynamoDB map: DynamoDB has no floats (boto3
-would hand back Decimals) and a string round-trips every nested value exactly.
+The section body is JSON rather than a DynamoDB map: DynamoDB has no floats (boto3 would hand
+back Decimals) and JSON round-trips every nested value exactly. It is stored zlib-compressed
+in the binary attribute `bodyz` (fewer write units, further from the 400 KB item limit);
+items written before that carry the JSON text in `body`, and are still read.
 
 boto3 is imported here and nowhere else on the API's path: the API function's cold start
 should not pay for it unless the store really is DynamoDB.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -44,6 +47,8 @@ _CONFIG = Config(
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DISMISSED_SK = "#settings#dismissed"
+# A stored section is far smaller; the cap only bounds what a damaged item can cost.
+_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class DynamoDBStore:
@@ -72,7 +77,9 @@ class DynamoDBStore:
     # --- the ResultStore protocol ---------------------------------------------------
 
     def put(self, name: str, section: Section) -> None:
-        body = json.dumps(section.to_stored())
+        # Compressed: DynamoDB bills a write per started KB, and a section's JSON (node reports,
+        # proxy lists) repeats its keys: a 2.6 KB derp section becomes one write unit, not three.
+        body = zlib.compress(json.dumps(section.to_stored()).encode(), 6)
         checked_at = _epoch_decimal(section.checked_at)
         expires_at = math.ceil(
             (section.checked_at.astimezone(UTC) + self._retention - _EPOCH).total_seconds()
@@ -85,7 +92,7 @@ class DynamoDBStore:
                 Item={
                     "pk": {"S": self._history_pk(name)},
                     "sk": {"S": sk},
-                    "body": {"S": body},
+                    "bodyz": {"B": body},
                     "checked_at": {"N": checked_at},
                     "expires_at": {"N": str(expires_at)},
                 },
@@ -96,7 +103,7 @@ class DynamoDBStore:
                     Item={
                         "pk": {"S": self._latest_pk},
                         "sk": {"S": name},
-                        "body": {"S": body},
+                        "bodyz": {"B": body},
                         "checked_at": {"N": checked_at},
                     },
                     ConditionExpression="attribute_not_exists(pk) OR checked_at < :new",
@@ -272,6 +279,14 @@ class DynamoDBStore:
 
 
 def _section(item: dict[str, Any]) -> Section:
+    if "bodyz" in item:
+        # zlib-compressed JSON; bounded, so a corrupt or hostile item cannot balloon in memory.
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(item["bodyz"]["B"], _MAX_BODY_BYTES)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"a stored section inflates past {_MAX_BODY_BYTES} bytes")
+        return Section.from_stored(json.loads(text))
+    # Items written before compression (plain JSON text).
     return Section.from_stored(json.loads(item["body"]["S"]))
 
 
