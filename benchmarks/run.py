@@ -4,8 +4,9 @@
    run concurrently, so the whole should cost about its slowest part.
 2. A warm `/readyz` through the API handler, with the store on loopback (DynamoDB over HTTP),
    against a bare `store.latest()` (target <= 1.5x): readiness adds little to its one read.
-3. Import time of the API handler module, against the interpreter's bare start
-   (target <= 300 ms), and the modules that dominate it.
+3. Cold start: a fresh interpreter importing a check handler and the API handler, as
+   Lambda's INIT does, against a bare interpreter start (`python -c pass`); the import itself
+   (the difference) has a target of 300 ms, and the modules that dominate it are named.
 4. The derp family over 20 nodes each 50 ms away, against one node (target <= 1.5x).
 5. The workspace_proxy family over 500 proxies answering after 200 ms, against one proxy
    (target <= 3x), and its peak memory.
@@ -16,20 +17,15 @@ Everything runs on 127.0.0.1: a simulated deployment, a real PostgreSQL, moto's 
 from __future__ import annotations
 
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 # Siblings: `python benchmarks/run.py` puts this folder first on sys.path.
+import bench_cold_start
 import bench_derp
 import bench_proxies
-
-ROOT = Path(__file__).resolve().parent.parent
 
 ROUNDS = 7
 READYZ_REQUESTS = 300
@@ -152,48 +148,13 @@ def bench_readyz() -> None:
     print(f"   ratio handler / bare: {ratio:.2f}  (target <= 1.5: {verdict(ratio, 1.5)})")
 
 
-def _fresh_python(code: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "functions" / "api")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return subprocess.run(
-        [sys.executable, *flags, "-c", code], capture_output=True, text=True, env=env,
-        check=True, cwd=tempfile.gettempdir(),
-    )
-
-
-def bench_import_time() -> None:
-    timer = "import time; t = time.perf_counter(); {stmt}; print(time.perf_counter() - t)"
-    _fresh_python("import app")  # compile .pyc files once, as a deployed layer ships them
-    baseline = statistics.median(
-        float(_fresh_python(timer.format(stmt="import json")).stdout) for _ in range(ROUNDS)
-    )
-    handler = statistics.median(
-        float(_fresh_python(timer.format(stmt="import app")).stdout) for _ in range(ROUNDS)
-    )
-    trace = _fresh_python("import app", "-X", "importtime").stderr
-    # -X importtime: a package's root line (no dot in its name) carries the cumulative
-    # microseconds of everything it pulled in; `app` itself is the whole, so it is left out.
-    cumulative: dict[str, int] = {}
-    for line in trace.splitlines():
-        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \| \s*(\S+)", line)
-        if match and "." not in match.group(2) and match.group(2) != "app":
-            cumulative[match.group(2)] = int(match.group(1))
-    top = sorted(cumulative.items(), key=lambda kv: kv[1], reverse=True)[:5]
-    print("3. import time of the API handler module (functions/api/app.py)")
-    print(f"   import json (baseline)  {baseline * 1000:8.1f} ms")
-    print(f"   import app              {handler * 1000:8.1f} ms  "
-          f"({handler / baseline:.0f}x the baseline; target <= 300 ms: "
-          f"{verdict(handler, 0.300)})")
-    print("   dominated by: " + ", ".join(f"{name} {us / 1000:.0f} ms" for name, us in top))
-
-
 def main() -> int:
     print(f"deployhealth benchmarks ({sys.version.split()[0]}, {os.cpu_count()} cores)\n")
     bench_check_concurrency()
     print()
     bench_readyz()
     print()
-    bench_import_time()
+    bench_cold_start.bench()
     print()
     bench_derp.bench()
     print()
