@@ -67,7 +67,8 @@ def test_every_function_of_the_template_was_measured(
 def test_scenario_b_really_is_bigger(measured: dict[str, Measurement]) -> None:
     a, b = measured["a"], measured["b"]
     assert (b.proxies, b.derp_regions) == (50, 5)
-    assert max(b.runs["workspace_proxy"].written_items) > 10 * max(
+    # 25 times the proxies; the stored body is compressed, so the item grows less than that.
+    assert max(b.runs["workspace_proxy"].written_items) > 3 * max(
         a.runs["workspace_proxy"].written_items
     )
     assert b.runs["derp"].emf_bytes > a.runs["derp"].emf_bytes
