@@ -1191,3 +1191,22 @@ def test_a_warm_function_reuses_its_readiness_read_until_it_writes(tmp_path: Pat
         assert api.get("/readyz").status_code == 200
         api.session.close()
     checks.close()
+
+
+def test_a_check_function_does_not_import_the_api() -> None:
+    """A check function's cold start pays for its check, not for the API's router."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import app; "
+        "print(sorted(m for m in sys.modules if m.startswith(('deployhealth.api', "
+        "'aws_lambda_powertools.event_handler'))))"
+    )
+    for family in FAMILIES:
+        code_dir = Path(__file__).resolve().parents[1] / "functions" / "checks" / family
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(code_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert result.stdout.strip() == "[]", (family, result.stdout, result.stderr)
