@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench cost install clean peers lock
+.PHONY: demo test lint validate bench cost install clean peers lock
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ test: $(STAMP) peers
 lint: $(STAMP)
 	$(BIN)/ruff check src tests functions benchmarks scripts
 	$(BIN)/cfn-lint template.yaml
+
+# `sam validate --lint` on the template, with the SAM CLI in a venv of its own: its pins
+# (boto3, jsonschema, ...) are not the project's, so it stays out of .venv.
+SAM_VENV := .venv-sam
+$(SAM_VENV)/.installed:
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/python -m pip install --quiet aws-sam-cli
+	touch $@
+
+validate: $(SAM_VENV)/.installed
+	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint --region us-east-1 --template template.yaml
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
@@ -71,4 +82,4 @@ lock: $(STAMP)
 	} > $(LOCK_TXT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf $(VENV) $(SAM_VENV) .pytest_cache .ruff_cache build src/*.egg-info
