@@ -22,7 +22,7 @@ def test_each_docs_entry_states_the_registered_title_section_and_severity():
         entry = DOC.split(f"## {code.code}\n", 1)[1].split("\n## ", 1)[0]
         assert f"**{code.title}**" in entry, code.code
         assert f"- Section: {code.section}" in entry, code.code
-        assert f"- Severity: {code.severity.value}" in entry, code.code
+        assert f"- Severity: {code.severity_text}\n" in entry, code.code
 
 
 def test_every_code_a_family_or_the_runner_emits_is_registered():

@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 from support.peers import require_program, running_nginx
 
+from deployhealth import readiness
+from deployhealth.api.app import render_page
 from deployhealth.checks.derp import go_duration, probe, section_properties
 from deployhealth.deadline import Deadline
 from deployhealth.derpclient import DerpClient, NodeTarget
-from deployhealth.model import Section, Severity
+from deployhealth.model import Report, Section, Severity
 from deployhealth.net import blocked_address_check
 from deployhealth.runner import run_probe
 from deployhealth.settings import Settings
@@ -197,6 +199,22 @@ def test_relay_that_is_down_is_an_error_naming_the_status(sim):
     assert "503" in node["error"]
     assert section.severity is Severity.ERROR and section.healthy is False
     assert section.details["regions"]["999"]["healthy"] is False
+    # The cause where on-call looks: the section's own error, one line naming region and node.
+    assert section.codes == ["EDERP03"]
+    assert section.error.startswith(
+        "EDERP03: region 999 (Coder Embedded Relay) is unhealthy: node 999b: cannot exchange"
+    )
+    assert "503" in section.error
+
+
+def test_a_node_down_is_named_by_readyz_and_the_health_page(sim):
+    sim.set_faults({"derp": "down"})
+    settings = Settings(access_url=sim.url, gating_sections=("derp",))
+    section = run(settings)
+    verdict = readiness.evaluate(settings, {"derp": section}, ["derp"])
+    assert verdict.text(verbose=False).splitlines()[0] == "[-]derp failed: EDERP03"
+    page = render_page(Report("coder", {"derp": section}), ["derp"], {})
+    assert "EDERP03</code></a>: region 999 (Coder Embedded Relay) is unhealthy: node 999b" in page
 
 
 def test_garbage_instead_of_server_key_is_a_clear_error_not_a_crash(sim):
@@ -275,6 +293,9 @@ def test_two_of_two_nodes_down_fails_the_region():
     assert reports["healthy"] is False and reports["severity"] == "error"
     assert "2 of 2 nodes" in reports["error"]
     assert "EDERP02" not in codes(section)
+    assert section.codes == ["EDERP03"]
+    assert "region 4 (Region 4) is unhealthy: 2 of 2 nodes are not ok: node 4a: " in section.error
+    assert "node 4b: cannot exchange messages:" in section.error and "refused" in section.error
 
 
 def test_many_regions_are_probed_at_once(derp_servers):
@@ -372,6 +393,12 @@ def test_all_stun_servers_silent_is_estun01(stun_servers):
     assert node["stun"]["Enabled"] is True and node["stun"]["CanSTUN"] is False
     assert "no STUN answer" in node["stun"]["Error"]
     assert section.details["netcheck"]["UDP"] is False
+    # The nodes are at error (Coder's rule), so the section is, and says which and why.
+    assert section.codes == ["EDERP03", "EDERP03", "ESTUN01"]
+    assert section.severity is Severity.ERROR
+    assert "region 1000 (Coder STUN 0) is unhealthy: node 1000stun0: STUN failed:" in (
+        section.error
+    )
     assert all(s.requests >= 1 for s in quiet)
 
 
@@ -518,10 +545,18 @@ def test_a_map_that_is_not_a_derp_map_says_so(tmp_path):
         assert expected in section.error, (text, section.error)
 
 
-def test_nothing_to_check_is_ok_with_a_note():
+def test_nothing_to_check_is_not_ok_and_says_what_to_configure():
     section = run(Settings())
-    assert section.severity is Severity.OK
+    assert section.severity is Severity.WARNING and section.codes == ["ENOTCHECKED"]
+    assert "no access URL" in section.warnings[0].message
+    assert "DEPLOYHEALTH_DERP_MAP" in section.warnings[0].message
     assert any("no access URL" in line for line in section.details["netcheck_logs"])
+
+
+def test_a_map_without_regions_is_not_checked_rather_than_ok():
+    section = run(Settings(derp_map='{"Regions": {}}'))
+    assert section.codes == ["ENOTCHECKED"] and section.severity is Severity.WARNING
+    assert "the DERP map from inline JSON has no regions" in section.warnings[0].message
 
 
 # --- deadlines -------------------------------------------------------------------------------

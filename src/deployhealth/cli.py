@@ -267,13 +267,13 @@ def _codes(args: argparse.Namespace) -> int:
                 f"deployhealth: unknown code {args.code!r}; known codes: {known}", file=sys.stderr
             )
             return EXIT_BAD_SETTINGS
-        print(f"{code.code}  ({code.section}, {code.severity.value})")
+        print(f"{code.code}  ({code.section}, {code.severity_text})")
         print(f"  {code.title}")
         print(f"  What to do: {code.action}")
         print(f"  Docs: {code.anchor}")
         return 0
     for code in code_docs.CODES.values():
-        print(f"{code.code:<9} {code.section:<14} {code.severity.value:<8} {code.title}")
+        print(f"{code.code:<12} {code.section:<20} {code.severity_text:<8} {code.title}")
     return 0
 
 

@@ -21,6 +21,22 @@ class Code:
     severity: Severity
     title: str
     action: str
+    # For a warning that becomes an error in one stated case (an expired certificate, no
+    # proxy left): the case, as the docs and `deployhealth codes` say it. Readiness acts on
+    # the severity the finding carries, so both levels are documented.
+    error_when: str | None = None
+
+    @property
+    def severity_text(self) -> str:
+        if self.error_when:
+            return f"{self.severity.value} (error when {self.error_when})"
+        return self.severity.value
+
+    def allows(self, severity: Severity) -> bool:
+        """Whether a finding of this code may carry `severity`."""
+        if severity is Severity.ERROR and self.error_when:
+            return True
+        return severity is self.severity
 
     @property
     def anchor(self) -> str:
@@ -32,6 +48,13 @@ _ALL = [
         "EUNKNOWN", "any", Severity.ERROR,
         "The check itself failed unexpectedly, or ran past its deadline.",
         "Read the message: it names the exception. Report it if it is a deployhealth bug.",
+    ),
+    Code(
+        "ENOTCHECKED", "any", Severity.WARNING,
+        "Nothing was checked: nothing is configured for this section, or it cannot be "
+        "checked from here.",
+        "The message says what was not checked and what to configure. Not checked is not "
+        "healthy: configure it, or exclude or dismiss the section on purpose.",
     ),
     Code(
         "EACS01", "access_url", Severity.ERROR,
@@ -64,6 +87,7 @@ _ALL = [
         "EACS06", "access_url", Severity.WARNING,
         "The access URL's TLS certificate expires soon (error once expired).",
         "Renew the certificate; check that ACM or cert-manager auto-renewal works.",
+        error_when="the certificate has already expired",
     ),
     Code(
         "EDB01", "database", Severity.ERROR,
@@ -112,6 +136,12 @@ _NETWORK = [
         "The region still works through its other nodes; repair or remove the failing node.",
     ),
     Code(
+        "EDERP03", "derp", Severity.ERROR,
+        "A DERP region is unhealthy: its only node, or more than one of its nodes, failed.",
+        "The message names the region, the nodes and why (cannot exchange messages, STUN "
+        "failed). Clients homed in that region fall back to other regions or fail to connect.",
+    ),
+    Code(
         "ESTUN01", "derp", Severity.WARNING,
         "STUN is enabled somewhere and no STUN server answered.",
         "Open UDP 3478 (or the configured ports) in security groups and network ACLs.",
@@ -139,6 +169,7 @@ _INVENTORY = [
         "EWP04", "workspace_proxy", Severity.WARNING,
         "A workspace proxy reported an error or warning, or could not be reached.",
         "The message names the proxy and what it said; try its /healthz-report by hand.",
+        error_when="no workspace proxy is ok (the section is at error)",
     ),
     Code(
         "EPD01", "provisioner_daemons", Severity.ERROR,
@@ -154,6 +185,12 @@ _INVENTORY = [
         "EPD03", "provisioner_daemons", Severity.WARNING,
         "A provisioner daemon's API major version differs from the server's.",
         "Upgrade the external provisioners: they may fail to take jobs.",
+    ),
+    Code(
+        "EPD04", "provisioner_daemons", Severity.ERROR,
+        "The provisioner daemon inventory could not be read.",
+        "The message names the source and the failure: check the token (api) or the "
+        "database credentials and network path (database). Could not look is not none found.",
     ),
     Code(
         "EENT01", "entitlements", Severity.ERROR,

@@ -553,6 +553,8 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         report, region_findings = _region_report(region, node_reports)
         region_reports[str(region.id)] = report
         findings += region_findings
+        if report["severity"] == Severity.ERROR.value:
+            findings.append(_region_failure(region, report))
         severities.append(Severity(report["severity"]))
         healthy = healthy and report["healthy"]
 
@@ -561,6 +563,8 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         findings.append(Finding("ESTUN01", NO_STUN_WARNING, Severity.WARNING))
     if netcheck["MappingVariesByDestIP"] is True:
         findings.append(Finding("ESTUN02", HARD_NAT_MESSAGE, Severity.OK))
+    if not regions:
+        findings.append(Finding("ENOTCHECKED", _nothing_to_check(source, notes), Severity.WARNING))
     severity = Severity.worst([*severities, *(f.severity for f in findings)])
     details = {
         "regions": region_reports,
@@ -569,12 +573,41 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         "netcheck_logs": [*notes, *netcheck_logs],
         "derp_map_source": source,
     }
-    if not regions:
-        details["netcheck_logs"].append("the DERP map has no regions: nothing to check")
-    # No section-level `error`, as in Coder's report: a failing relay has no code of its
-    # own; its region and node reports carry the `error` text that says what failed.
-    return Section(
-        severity=severity, warnings=findings, errors=[], healthy=healthy, details=details
+    # Coder leaves the section's `error` empty and the cause deep in the node reports; here
+    # each region at error is one EDERP03 line in `error`, where /readyz and on-call look.
+    section = Section.from_findings(findings, details, healthy=healthy)
+    section.severity = severity
+    return section
+
+
+def _region_failure(region: _Region, report: dict[str, Any]) -> Finding:
+    """EDERP03 for a region at error: which nodes are not ok and why, on one line."""
+    nodes = report["node_reports"]
+    failing = [r for r in nodes if r["severity"] != Severity.OK.value]
+    causes = "; ".join(f"node {r['node'].get('Name', '')}: {_why(r)}" for r in failing)
+    count = f"{len(failing)} of {len(nodes)} nodes are not ok: " if len(nodes) > 1 else ""
+    return Finding(
+        "EDERP03", f"region {region.id} ({region.name}) is unhealthy: {count}{causes}",
+        Severity.ERROR,
+    )
+
+
+def _why(node_report: dict[str, Any]) -> str:
+    if "error" in node_report:
+        return str(node_report["error"])
+    return "; ".join(w["message"] for w in node_report["warnings"]) or "not ok"
+
+
+def _nothing_to_check(source: str, notes: list[str]) -> str:
+    if source == "default":
+        why = "; ".join(notes) or "the default DERP map is empty"
+        return (
+            f"no DERP relay or STUN server was checked: {why}; set DEPLOYHEALTH_ACCESS_URL "
+            "for the embedded relay, or DEPLOYHEALTH_DERP_MAP / DEPLOYHEALTH_STUN_SERVERS"
+        )
+    return (
+        f"no DERP relay or STUN server was checked: the DERP map from {source} has no "
+        "regions; point DEPLOYHEALTH_DERP_MAP at the deployment's map"
     )
 
 
