@@ -532,6 +532,7 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
 
     region_reports: dict[str, Any] = {}
     findings: list[Finding] = []
+    failed_regions: list[str] = []
     severities: list[Severity] = []
     healthy = True
     stun_enabled = stun_capable = 0
@@ -554,7 +555,7 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         region_reports[str(region.id)] = report
         findings += region_findings
         if report["severity"] == Severity.ERROR.value:
-            findings.append(_region_failure(region, report))
+            failed_regions.append(_region_failure(region, report))
         severities.append(Severity(report["severity"]))
         healthy = healthy and report["healthy"]
 
@@ -563,6 +564,12 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         findings.append(Finding("ESTUN01", NO_STUN_WARNING, Severity.WARNING))
     if netcheck["MappingVariesByDestIP"] is True:
         findings.append(Finding("ESTUN02", HARD_NAT_MESSAGE, Severity.OK))
+    if failed_regions:
+        # One line, for a pager or an alarm: every region at error, its nodes and why.
+        count = f"{len(failed_regions)} of {len(regions)} regions are unhealthy: " if len(
+            failed_regions
+        ) > 1 else ""
+        findings.append(Finding("EDERP03", count + " | ".join(failed_regions), Severity.ERROR))
     if not regions:
         findings.append(Finding("ENOTCHECKED", _nothing_to_check(source, notes), Severity.WARNING))
     severity = Severity.worst([*severities, *(f.severity for f in findings)])
@@ -580,16 +587,13 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     return section
 
 
-def _region_failure(region: _Region, report: dict[str, Any]) -> Finding:
-    """EDERP03 for a region at error: which nodes are not ok and why, on one line."""
+def _region_failure(region: _Region, report: dict[str, Any]) -> str:
+    """A region at error, for EDERP03: which nodes are not ok and why."""
     nodes = report["node_reports"]
     failing = [r for r in nodes if r["severity"] != Severity.OK.value]
     causes = "; ".join(f"node {r['node'].get('Name', '')}: {_why(r)}" for r in failing)
     count = f"{len(failing)} of {len(nodes)} nodes are not ok: " if len(nodes) > 1 else ""
-    return Finding(
-        "EDERP03", f"region {region.id} ({region.name}) is unhealthy: {count}{causes}",
-        Severity.ERROR,
-    )
+    return f"region {region.id} ({region.name}) is unhealthy: {count}{causes}"
 
 
 def _why(node_report: dict[str, Any]) -> str:
