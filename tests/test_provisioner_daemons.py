@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from support.deployment import api_settings, set_faults
 
-from deployhealth.checks.provisioner_daemons import probe
+from deployhealth.checks.provisioner_daemons import probe, section_properties
 from deployhealth.deadline import Deadline
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import Section, Severity
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
-from deployhealth.sim.inventory import inventory_of, seed_database
+from deployhealth.sim.inventory import BUILTIN_KEY_ID, inventory_of, seed_database
 from deployhealth.sim.tcp import free_port
 
 
@@ -166,12 +166,108 @@ def test_unreadable_buildinfo_is_eunknown_but_epd01_still_judged() -> None:
     assert "daemon versions are not compared" in (section.error or "")
 
 
-def test_unreadable_inventory_is_eunknown(sim: SimulatedDeployment) -> None:
+# --- could not look is not "found none" -------------------------------------------------
+
+
+def not_read(section: Section) -> None:
+    """What every unread inventory shares: no items, no EPD01, no daemon count."""
+    assert "EPD01" not in section.codes
+    assert section.to_dict()["items"] == []
+    assert section_properties(section) == {}
+
+
+def test_rejected_token_is_epd04_not_epd01(sim: SimulatedDeployment) -> None:
     section = run(api_settings(sim, coder_token=Secret("expired-token-9")))
-    assert section.codes == ["EUNKNOWN"]
+    assert section.codes == ["EPD04"] and section.severity is Severity.ERROR
     text = section.error or ""
-    assert "cannot read the provisioner daemons (api inventory)" in text
+    assert text.startswith("EPD04: cannot read the provisioner daemons (api inventory): GET ")
     assert "401 Unauthorized" in text and "expired-token-9" not in text
+    assert text.endswith("nothing is known about them")
+    not_read(section)
+
+
+def test_unreachable_database_is_epd04_naming_the_source(sim: SimulatedDeployment) -> None:
+    url = f"postgresql://coder:pw@127.0.0.1:{free_port()}/coder?sslmode=disable"
+    section = run(Settings(access_url=sim.url, database_url=Secret(url)))
+    assert section.codes == ["EPD04"]
+    text = section.error or ""
+    assert "cannot read the provisioner daemons (database inventory)" in text
+    assert "cannot connect to" in text and ":pw@" not in text
+    not_read(section)
+
+
+def test_a_403_that_is_not_coders_licence_answer_is_epd04(sim: SimulatedDeployment) -> None:
+    set_faults(sim, waf="block")
+    section = run(api_settings(sim))
+    assert section.codes == ["EPD04"] and section.severity is Severity.ERROR
+    assert "answered 403 Forbidden" in (section.error or "")
+    not_read(section)
+
+
+# --- without a licence ----------------------------------------------------------------
+
+
+def test_unlicensed_coder_that_lists_daemons_is_judged_as_usual(sim: SimulatedDeployment) -> None:
+    set_faults(sim, licence="none")
+    section = run(api_settings(sim))
+    assert section.severity is Severity.OK and section.codes == []
+    assert names(section) == ["provisioner-coder"]  # the default organization only
+    assert "note" not in section.to_dict()
+
+
+def test_unlicensed_coder_that_gates_the_list_is_enotchecked_without_a_database(
+    sim: SimulatedDeployment,
+) -> None:
+    set_faults(sim, licence="none-old")
+    section = run(api_settings(sim))
+    assert section.codes == ["ENOTCHECKED"] and section.severity is Severity.WARNING
+    (warning,) = section.warnings
+    assert warning.message.startswith(
+        "the provisioner daemons are not checked: the Coder API lists provisioner daemons "
+        "only with an Enterprise licence (GET "
+    )
+    assert "403 Forbidden: External provisioner daemons is an Enterprise feature. " in (
+        warning.message
+    )
+    assert warning.message.endswith(
+        "set DEPLOYHEALTH_DATABASE_URL or DEPLOYHEALTH_DATABASE_SECRET to read them from "
+        "Coder's provisioner_daemons table"
+    )
+    not_read(section)
+
+
+def test_unlicensed_coder_that_gates_the_list_is_read_from_the_database(
+    sim: SimulatedDeployment, coder_db: tuple[str, Callable[[str], object]]
+) -> None:
+    url, execute = coder_db
+    set_faults(sim, licence="none-old")
+    inventory_of(sim).touch()
+    seed_database(sim, execute)
+    execute("UPDATE provisioner_daemons SET version = 'v2.16.4'")  # only the table says so
+    settings = api_settings(sim, database_url=Secret(url))
+    assert settings.inventory_source == "api"
+    section = run(settings)
+    assert section.codes == ["EPD02"]  # judged as usual, on the database's rows
+    assert names(section) == ["provisioner-coder"]
+    daemon = section.to_dict()["items"][0]["provisioner_daemon"]
+    assert daemon["key_id"] == BUILTIN_KEY_ID  # unlicensed: coderd's own daemons only
+    note = section.to_dict()["note"]
+    assert note.startswith("read from the database inventory: the Coder API lists ")
+    assert "External provisioner daemons is an Enterprise feature. Contact sales!" in note
+    assert section_properties(section) == {"provisioner_daemons_active": 1}
+
+
+def test_unlicensed_list_and_an_unreachable_database_is_epd04_saying_both(
+    sim: SimulatedDeployment,
+) -> None:
+    set_faults(sim, licence="none-old")
+    url = f"postgresql://coder:pw@127.0.0.1:{free_port()}/coder?sslmode=disable"
+    section = run(api_settings(sim, database_url=Secret(url)))
+    assert section.codes == ["EPD04"]
+    text = section.error or ""
+    assert "only with an Enterprise licence" in text
+    assert "and the database inventory failed: cannot connect to" in text
+    not_read(section)
 
 
 # --- metrics --------------------------------------------------------------------------

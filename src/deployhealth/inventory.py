@@ -25,11 +25,21 @@ What the sources cannot all say, and how it is read:
 `CoderAPI` is also how the families read `buildinfo` and `entitlements`. Every failure is an
 `InventoryError` whose message names what was asked and what came back (Coder's `message`,
 `detail` and `validations` when the answer is a Coder error); it never holds a secret.
+
+One refusal is not a failure: without a licence for a feature, Coder's feature gate answers
+the feature's routes with `403` and only the message "<Feature> is an Enterprise feature.
+Contact sales!" (enterprise/coderd `RequireFeatureMW`; for the provisioner daemon list of
+older releases, `provisionerDaemonsEnabledMW`), or "... is a Premium feature. Contact
+sales!" in newer releases. That answer is `FeatureNotLicensed` (a subclass, so code that
+only knows `InventoryError` still stops): the deployment has nothing of that kind to list,
+or will not list it. It is recognised by the status *and* the message; any other 403 (a
+member's token, `Forbidden.`) stays a plain `InventoryError`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -55,6 +65,49 @@ PRIMARY_PROXY_NAME = "primary"
 
 class InventoryError(Exception):
     """The inventory could not be read; the message is safe to show."""
+
+
+class FeatureNotLicensed(InventoryError):
+    """Coder refused a route because its licence lacks the feature (403 from its feature gate).
+
+    `feature` is Coder's name for it ("Workspace Proxy", "External provisioner daemons"),
+    `said` Coder's whole message; the exception's text names the request too.
+    """
+
+    def __init__(self, url: str, said: str, feature: str) -> None:
+        super().__init__(f"GET {url} answered 403 Forbidden: {said}")
+        self.url = url
+        self.said = said
+        self.feature = feature
+
+
+# Coder's wording: fmt.Sprintf("%s is %s feature. Contact sales!", feat.Humanize(),
+# "an Enterprise" | "a Premium"), and the fixed provisionerDaemonsEnabledMW message.
+_NOT_LICENSED = re.compile(
+    r"^(?P<feature>\S.*?) is (?:an Enterprise|a Premium) feature\. Contact sales!$"
+)
+
+
+def not_licensed_feature(status: int, body: bytes) -> tuple[str, str] | None:
+    """(feature, Coder's message) when `body` is Coder's feature-gate refusal, else None.
+
+    Only a 403 whose Coder error `message` is the gate's sentence counts: a bare 403
+    ("Forbidden.", a token without the rights) or a 403 from something in front of Coder
+    (a WAF page) is not a licence answer.
+    """
+    if status != 403:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    message = data.get("message") if isinstance(data, dict) else None
+    if not isinstance(message, str):
+        return None
+    match = _NOT_LICENSED.match(message.strip())
+    if match is None:
+        return None
+    return match["feature"], message.strip()
 
 
 # --- the three kinds of things ---------------------------------------------------------
@@ -347,6 +400,9 @@ class CoderAPI:
             # error the interrupted read raised.
             why = "timeout: no complete answer in time" if budget.expired else _why(exc)
             raise InventoryError(self._redactor.scrub(f"GET {url} failed: {why}")) from None
+        refusal = not_licensed_feature(status, body)
+        if refusal is not None:
+            raise FeatureNotLicensed(url, refusal[1], refusal[0])
         if status != 200:
             said = coder_error_text(body) or body[:200].decode("utf-8", "replace").strip()
             text = f"GET {url} answered {status} {reason or ''}".rstrip()

@@ -21,7 +21,12 @@ Decisions:
   still read and reported (EENT03 still applies) when an inventory source is available.
 - **The entitlements or the replicas cannot be read** (401, a refused connection, a
   database error) is EUNKNOWN at error: a token was given, so the check was meant to run,
-  and a licence that cannot be seen cannot be vouched for.
+  and a licence that cannot be seen cannot be vouched for. An entitlements answer without
+  a `features` object is the same: reading a missing `high_availability` as not_entitled
+  would turn "could not look" into a licence verdict.
+- **No licence** is not a problem in itself: Coder answers the entitlements (never gated)
+  with `has_license` false and every feature not_entitled, and a single live replica needs
+  none of them, so the section is ok. Several live replicas still make EENT01.
 - `replicas` lists the live replicas, sorted by host name. With the `api` inventory source
   their `version` and `updated_at` are null: Coder's replicas API does not expose them.
 - Coder's entitlement warnings appear as EENT02 entries in `warnings` (the section's own
@@ -60,6 +65,16 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         details["replicas"] = [_replica(r) for r in live]
 
     entitlements = _entitlements(settings, deadline, findings, live)
+    if entitlements is not None and not isinstance(entitlements.get("features"), Mapping):
+        findings.append(
+            Finding(
+                "EUNKNOWN",
+                "cannot judge the entitlements: GET /api/v2/entitlements answered without a "
+                "features object",
+                Severity.ERROR,
+            )
+        )
+        entitlements = None
     if entitlements is not None:
         errors = _strings(entitlements.get("errors"))
         warnings = _strings(entitlements.get("warnings"))

@@ -9,8 +9,16 @@ compares them. Only daemons seen within the last 90 s count (a daemon never seen
   metadata are ignored; a `v0.0.0` or `-devel` build on either side always matches.
 - EPD03 (warning): a daemon's provisioner API major version differs from the server's.
 - EUNKNOWN (error): a daemon's version or API version does not parse, as in Coder; and,
-  deployhealth's own cases, the inventory or the server's buildinfo could not be read (the
-  versions are then not compared, but EPD01 is still judged when the inventory was read).
+  deployhealth's own case, the server's buildinfo could not be read (the versions are then
+  not compared, but EPD01 is still judged).
+- EPD04 (error): the inventory could not be read (token rejected, database unreachable, a
+  5xx, an answer that does not parse, a 403 that is not Coder's licence answer). Could not
+  look is not "found none": EPD01 is never judged then, and `items` is empty.
+- ENOTCHECKED (warning): the API refused the daemon list for want of a licence (Coder's
+  feature gate, as releases that gated the list answer without one) and no database is
+  configured to read them from instead. With a database configured, the daemons are read
+  from its `provisioner_daemons` table and judged as usual; deployhealth's own key `note`
+  says so. If that read fails too, EPD04 names both.
 
 Each item carries its daemon's own findings in `warnings`, as Coder's report does; the
 section lists them again, with the daemon's name, in `warnings` or `error`. There is no
@@ -21,11 +29,19 @@ from __future__ import annotations
 
 import re
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from deployhealth.deadline import Deadline
-from deployhealth.inventory import CoderAPI, InventoryError, ProvisionerDaemon, open_inventory
+from deployhealth.inventory import (
+    CoderAPI,
+    DatabaseInventory,
+    FeatureNotLicensed,
+    InventoryError,
+    ProvisionerDaemon,
+    open_inventory,
+)
 from deployhealth.model import Finding, Section, Severity, rfc3339, utcnow
 from deployhealth.settings import Settings
 
@@ -65,16 +81,61 @@ def _api_major(text: str) -> int:
     return int(match["major"])
 
 
-def probe(settings: Settings, deadline: Deadline) -> Section:
+@dataclass(frozen=True)
+class _Inventory:
+    """What reading the daemons gave: the daemons, or the finding that says why not."""
+
+    daemons: list[ProvisionerDaemon] | None
+    unread: Finding | None = None
+    note: str | None = None  # where they came from, when not from the configured source
+
+
+def _read(settings: Settings, deadline: Deadline) -> _Inventory:
     source = settings.inventory_source
     try:
         with closing(open_inventory(settings)) as inventory:
-            daemons = inventory.provisioner_daemons(deadline)
+            return _Inventory(inventory.provisioner_daemons(deadline))
+    except FeatureNotLicensed as refused:
+        return _unlicensed(settings, deadline, refused)
     except InventoryError as exc:
-        message = f"cannot read the provisioner daemons ({source} inventory): {exc}"
-        return Section.from_findings(
-            [Finding("EUNKNOWN", message, Severity.ERROR)], {"items": []}, healthy_key=False
+        message = (
+            f"cannot read the provisioner daemons ({source} inventory): {exc}: nothing is "
+            "known about them"
         )
+        return _Inventory(None, Finding("EPD04", message, Severity.ERROR))
+
+
+def _unlicensed(
+    settings: Settings, deadline: Deadline, refused: FeatureNotLicensed
+) -> _Inventory:
+    """The API will not list the daemons without a licence: the database can, if configured."""
+    why = f"the Coder API lists provisioner daemons only with an Enterprise licence ({refused})"
+    if settings.database_url is None and not settings.database_secret:
+        message = (
+            f"the provisioner daemons are not checked: {why}; set DEPLOYHEALTH_DATABASE_URL "
+            "or DEPLOYHEALTH_DATABASE_SECRET to read them from Coder's provisioner_daemons "
+            "table"
+        )
+        return _Inventory(None, Finding("ENOTCHECKED", message, Severity.WARNING))
+    try:
+        with closing(DatabaseInventory(settings)) as database:
+            daemons = database.provisioner_daemons(deadline)
+    except InventoryError as exc:
+        message = (
+            f"cannot read the provisioner daemons: {why}, and the database inventory failed: "
+            f"{exc}: nothing is known about them"
+        )
+        return _Inventory(None, Finding("EPD04", message, Severity.ERROR))
+    return _Inventory(daemons, note=f"read from the database inventory: {why}")
+
+
+def probe(settings: Settings, deadline: Deadline) -> Section:
+    read = _read(settings, deadline)
+    if read.daemons is None:
+        assert read.unread is not None
+        # Nothing to compare versions with, and no verdict on how many are active.
+        return Section.from_findings([read.unread], {"items": []}, healthy_key=False)
+    daemons = read.daemons
 
     findings: list[Finding] = []
     server, server_api = _server_versions(settings, deadline, findings)
@@ -95,7 +156,10 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         )
     if not active:
         findings.insert(0, Finding("EPD01", _none_active(daemons), Severity.ERROR))
-    return Section.from_findings(findings, {"items": items}, healthy_key=False)
+    details: dict[str, Any] = {"items": items}
+    if read.note is not None:
+        details["note"] = read.note
+    return Section.from_findings(findings, details, healthy_key=False)
 
 
 def _server_versions(
@@ -209,8 +273,11 @@ def _none_active(daemons: list[ProvisionerDaemon]) -> str:
 def section_properties(section: Section) -> dict[str, Any]:
     """`provisioner_daemons_active`: the daemons seen within 90 s, when they could be listed.
 
-    A property of the section's EMF record, not a metric (see deployhealth.metrics).
+    A property of the section's EMF record, not a metric (see deployhealth.metrics). Left
+    out when the daemons were not read (EPD04, ENOTCHECKED): 0 would say "none".
     """
+    if {"EPD04", "ENOTCHECKED"} & set(section.codes):
+        return {}
     items = section.details.get("items")
     if isinstance(items, list):
         return {"provisioner_daemons_active": len(items)}

@@ -23,6 +23,12 @@ URL), `unreachable` (DNS, connect, TLS, timeout). Two choices the contract leave
 - A URL refused by the address guard is `unhealthy` (the registered URL is wrong), and an
   unregistered proxy carries one error saying it has no URL, so that every proxy that is
   not `ok` says why in `error` or `warnings`.
+
+Without a licence for workspace proxies, Coder answers the proxy list with its feature gate's
+403 (`inventory.FeatureNotLicensed`). The section is then what Coder's own report says for
+such a deployment, ok with no regions, and deployhealth's own key `note` says why there was
+nothing to check. Any other failure to read the list is EWP02 (error): could not look is not
+"no proxies".
 """
 
 from __future__ import annotations
@@ -38,7 +44,13 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from deployhealth.deadline import Deadline
-from deployhealth.inventory import InventoryError, Proxy, coder_error_text, open_inventory
+from deployhealth.inventory import (
+    FeatureNotLicensed,
+    InventoryError,
+    Proxy,
+    coder_error_text,
+    open_inventory,
+)
 from deployhealth.model import Finding, Section, Severity, rfc3339, utcnow
 from deployhealth.net import IPNetwork, PhaseError, networks, tls_context
 from deployhealth.netguard import BlockedAddressError, Fetched, FetchError, GuardError, fetch
@@ -74,6 +86,13 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     try:
         with closing(open_inventory(settings)) as inventory:
             proxies = inventory.proxies(probing)
+    except FeatureNotLicensed as exc:
+        # Not a finding: Coder's report is ok with no proxies here, so no warning either.
+        details["note"] = (
+            "workspace proxies are an Enterprise feature this deployment is not licensed for "
+            f"({exc}): nothing to check"
+        )
+        return Section.from_findings([], details, healthy=True)
     except InventoryError as exc:
         finding = Finding(
             "EWP02", f"cannot read the workspace proxies ({source} inventory): {exc}",

@@ -22,6 +22,19 @@ Fault switches (`POST /_sim/faults?name=mode`, the first mode is the healthy def
     replicas      one | two-no-ha | two-ha | replica-error
     entitlements  ok | expiring | silent   (silent: the deployment reports no errors or
                                             warnings itself, as an older Coder would not)
+    licence       enterprise | none | none-old
+                  (none: no licence, as Coder answers then: `/api/v2/workspaceproxies` is
+                  403 "Workspace Proxy is an Enterprise feature. Contact sales!" (before any
+                  token check, as Coder's gate runs first), the entitlements say
+                  has_license false and every feature not_entitled, only the default
+                  organization exists and its daemons are the built-in ones; none-old: the
+                  same, and the provisioner daemon list is 403 "External provisioner daemons
+                  is an Enterprise feature. Contact sales!" too, as older releases gated it)
+
+    waf           off | block
+                  (block: a web application firewall in front of the deployment, as AWS WAF
+                  on an ALB, answers every request to these API routes with its own 403
+                  page: a 403 that is not Coder's licence answer)
 
 `seed_database(sim, execute)` writes the same deployment, in its current modes, into
 `workspace_proxies`, `provisioner_daemons` and `replicas` (created if missing), plus the
@@ -62,6 +75,8 @@ PROXY_MODES = (
 PROVISIONER_MODES = ("ok", "none", "stale", "old-version", "old-api", "bad-version")
 REPLICA_MODES = ("one", "two-no-ha", "two-ha", "replica-error")
 ENTITLEMENT_MODES = ("ok", "expiring", "silent")
+LICENCE_MODES = ("enterprise", "none", "none-old")
+WAF_MODES = ("off", "block")
 
 # Every switch this module adds, for the demo banner: name -> modes, the default first.
 FAULT_MODES: dict[str, tuple[str, ...]] = {
@@ -69,6 +84,8 @@ FAULT_MODES: dict[str, tuple[str, ...]] = {
     "provisioners": PROVISIONER_MODES,
     "replicas": REPLICA_MODES,
     "entitlements": ENTITLEMENT_MODES,
+    "licence": LICENCE_MODES,
+    "waf": WAF_MODES,
 }
 
 HA_ERROR = (
@@ -77,6 +94,18 @@ HA_ERROR = (
 )
 LICENSE_WARNING = "Your license expires in 2 days."
 REPLICA_ERROR = "Failed to dial peers: dial http://127.0.0.1:9/derp: connection refused"
+
+# Coder's feature gate, word for word (enterprise/coderd RequireFeatureMW with
+# FeatureWorkspaceProxy.Humanize(); provisionerDaemonsEnabledMW of older releases).
+PROXY_NOT_LICENSED = "Workspace Proxy is an Enterprise feature. Contact sales!"
+DAEMONS_NOT_LICENSED = "External provisioner daemons is an Enterprise feature. Contact sales!"
+# codersdk.ProvisionerKeyIDBuiltIn: the key of the daemons coderd runs itself.
+BUILTIN_KEY_ID = "00000000-0000-0000-0000-000000000001"
+# The page an ALB's AWS WAF block action sends (403, text/html).
+WAF_PAGE = (
+    "<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
+    "<center><h1>403 Forbidden</h1></center>\r\n</body>\r\n</html>\r\n"
+)
 
 
 # --- simulated workspace proxies ------------------------------------------------------
@@ -440,6 +469,62 @@ class SimInventory:
             "refreshed_at": _time(datetime.now(UTC)),
         }
 
+    # --- the licence switch: what Coder shows without one ---
+    # Kept apart from the record shapes above: it filters and rewrites them.
+
+    @property
+    def licensed(self) -> bool:
+        return self.sim.mode("licence") == "enterprise"
+
+    def organizations(self) -> tuple[tuple[str, str], ...]:
+        # Multiple organizations is a Premium feature: without a licence only the default.
+        return _ORGS if self.licensed else _ORGS[:1]
+
+    def listed_proxies(self) -> list[dict[str, Any]]:
+        # Creating a proxy is gated too, so an unlicensed deployment has none.
+        return self.proxies() if self.licensed else []
+
+    def listed_daemons(self) -> list[dict[str, Any]]:
+        """The daemons of the existing organizations; without a licence, built-in ones only.
+
+        External daemons cannot connect without the licence (Coder gates
+        `/provisionerdaemons/serve`), so what remains is what coderd runs itself.
+        """
+        orgs = {org_id for org_id, _name in self.organizations()}
+        daemons = [d for d in self.daemons() if d["organization_id"] in orgs]
+        if self.licensed:
+            return daemons
+        return [{**d, "key_id": BUILTIN_KEY_ID} for d in daemons]
+
+    def listed_entitlements(self) -> dict[str, Any]:
+        """`entitlements()`, or Coder's answer without a licence (license.LicensesEntitlements).
+
+        No licence: has_license and trial false, every feature not_entitled and disabled
+        (user_limit keeps its `actual`, loses its `limit`), no warnings, and the one error
+        Coder still computes, several replicas without high availability.
+        """
+        licensed = self.entitlements()
+        if self.licensed:
+            return licensed
+        features: dict[str, Any] = {}
+        for name, feature in (licensed.get("features") or {}).items():
+            plain = {k: v for k, v in feature.items() if k not in ("limit", "usage_period")}
+            plain.update(entitlement="not_entitled", enabled=False)
+            if name != "user_limit":
+                plain.pop("actual", None)
+            features[name] = plain
+        several = self.sim.mode("replicas") != "one"
+        silent = self.sim.mode("entitlements") == "silent"
+        return {
+            **licensed,
+            "features": features,
+            "warnings": [],
+            "errors": [HA_ERROR] if several and not silent else [],
+            "has_license": False,
+            "trial": False,
+            "require_telemetry": False,
+        }
+
 
 _STATES: dict[int, SimInventory] = {}
 _STATES_LOCK = threading.Lock()
@@ -466,14 +551,18 @@ def register(sim: SimulatedDeployment) -> None:
                 del _STATES[id(sim)]
 
     sim.on_close(close)
-    sim.route("GET", "/api/v2/workspaceproxies", _authorized(lambda: {"regions": [
-        _primary_region(sim), *state.proxies()]}))
-    sim.route("GET", "/api/v2/organizations", _authorized(lambda: [
-        {"id": org_id, "name": name, "display_name": name.title(), "is_default": n == 0}
-        for n, (org_id, name) in enumerate(_ORGS)]))
-    sim.route("GET", "/api/v2/organizations/*", _organization_route(state))
-    sim.route("GET", "/api/v2/replicas", _authorized(state.replicas))
-    sim.route("GET", "/api/v2/entitlements", _authorized(state.entitlements))
+    proxies = _authorized(lambda: {"regions": [_primary_region(sim), *state.proxies()]})
+    routes: dict[str, Callable[[SimRequest, SimulatedDeployment], None]] = {
+        "/api/v2/workspaceproxies": _gated(state, PROXY_NOT_LICENSED, proxies),
+        "/api/v2/organizations": _authorized(lambda: [
+            {"id": org_id, "name": name, "display_name": name.title(), "is_default": n == 0}
+            for n, (org_id, name) in enumerate(state.organizations())]),
+        "/api/v2/organizations/*": _organization_route(state),
+        "/api/v2/replicas": _authorized(state.replicas),
+        "/api/v2/entitlements": _authorized(state.listed_entitlements),
+    }
+    for path, handler in routes.items():
+        sim.route("GET", path, _behind_waf(handler))
 
 
 def _primary_region(sim: SimulatedDeployment) -> dict[str, Any]:
@@ -520,25 +609,55 @@ def _authorized(
     return handle
 
 
+def _behind_waf(
+    handler: Callable[[SimRequest, SimulatedDeployment], None],
+) -> Callable[[SimRequest, SimulatedDeployment], None]:
+    def handle(request: SimRequest, sim: SimulatedDeployment) -> None:
+        if sim.mode("waf") == "block":
+            request.send_text(403, WAF_PAGE, "text/html")
+        else:
+            handler(request, sim)
+
+    return handle
+
+
+def _gated(
+    state: SimInventory, message: str, handler: Callable[[SimRequest, SimulatedDeployment], None]
+) -> Callable[[SimRequest, SimulatedDeployment], None]:
+    """Coder's RequireFeatureMW in front of `handler`: 403 with only a message, no token read."""
+
+    def handle(request: SimRequest, sim: SimulatedDeployment) -> None:
+        if state.licensed:
+            handler(request, sim)
+        else:
+            request.send_json(403, {"message": message})
+
+    return handle
+
+
 def _organization_route(
     state: SimInventory,
 ) -> Callable[[SimRequest, SimulatedDeployment], None]:
-    known = {org_id for org_id, _name in _ORGS}
-
     def handle(request: SimRequest, sim: SimulatedDeployment) -> None:
-        if _denied(request, sim):
-            return
         parts = request.path_only.strip("/").split("/")
         # api / v2 / organizations / {id} / provisionerdaemons
         if len(parts) != 5 or parts[4] != "provisionerdaemons":
             request.send_json(404, {"message": "Route not found.", "detail": request.path_only})
             return
+        # Older releases gated the list before reading the token, as for proxies.
+        if sim.mode("licence") == "none-old":
+            request.send_json(403, {"message": DAEMONS_NOT_LICENSED})
+            return
+        if _denied(request, sim):
+            return
+        known = {org_id for org_id, _name in state.organizations()}
         if parts[3] not in known:
             request.send_json(
                 404, {"message": "Resource not found or you do not have access to this resource"}
             )
             return
-        request.send_json(200, [d for d in state.daemons() if d["organization_id"] == parts[3]])
+        daemons = state.listed_daemons()
+        request.send_json(200, [d for d in daemons if d["organization_id"] == parts[3]])
 
     return handle
 
@@ -594,7 +713,7 @@ def seed_database(sim: SimulatedDeployment, execute: Callable[[str], object]) ->
     """Write the sim's deployment, in its current modes, into Coder's tables via `execute`."""
     state = inventory_of(sim)
     statements = [_SCHEMA]
-    for n, proxy in enumerate(state.proxies(), start=1):
+    for n, proxy in enumerate(state.listed_proxies(), start=1):
         statements.append(
             _insert(
                 "workspace_proxies",
@@ -609,7 +728,7 @@ def seed_database(sim: SimulatedDeployment, execute: Callable[[str], object]) ->
                 },
             )
         )
-    for daemon in state.daemons():
+    for daemon in state.listed_daemons():
         statements.append(
             _insert(
                 "provisioner_daemons",
