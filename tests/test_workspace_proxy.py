@@ -160,6 +160,31 @@ def test_no_proxies_is_ok(sim: SimulatedDeployment) -> None:
     assert section.to_dict()["workspace_proxies"] == {"regions": []}
 
 
+# --- without a licence: Coder's own report is ok with no proxies -------------------------
+
+
+@pytest.mark.parametrize("licence", ["none", "none-old"])
+def test_unlicensed_deployment_is_ok_with_a_note(sim: SimulatedDeployment, licence: str) -> None:
+    set_faults(sim, licence=licence)
+    section = run(api_settings(sim))
+    assert section.severity is Severity.OK and section.codes == []
+    data = section.to_dict()
+    assert data["healthy"] is True and data["warnings"] == [] and "error" not in data
+    assert data["workspace_proxies"] == {"regions": []}
+    note = data["note"]
+    assert note.startswith(
+        "workspace proxies are an Enterprise feature this deployment is not licensed for (GET "
+    )
+    assert note.endswith(
+        "/api/v2/workspaceproxies answered 403 Forbidden: Workspace Proxy is an Enterprise "
+        "feature. Contact sales!): nothing to check"
+    )
+
+
+def test_licensed_deployment_has_no_note(sim: SimulatedDeployment) -> None:
+    assert "note" not in run(api_settings(sim)).to_dict()
+
+
 # --- EWP02: the inventory cannot be read --------------------------------------------
 
 
@@ -172,6 +197,14 @@ def test_bad_token_is_ewp02_with_coders_message(sim: SimulatedDeployment) -> Non
     assert "401 Unauthorized: You are signed out or your session has expired" in data["error"]
     assert "wrong-token-123" not in json.dumps(data)
     assert data["workspace_proxies"] == {"regions": []}
+
+
+def test_a_403_that_is_not_coders_licence_answer_is_ewp02(sim: SimulatedDeployment) -> None:
+    set_faults(sim, waf="block")
+    section = run(api_settings(sim))
+    assert section.codes == ["EWP02"] and section.severity is Severity.ERROR
+    assert "answered 403 Forbidden" in (section.error or "")
+    assert "note" not in section.to_dict()
 
 
 def test_unreachable_database_is_ewp02() -> None:
