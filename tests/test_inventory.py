@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from support.deployment import api_settings
+from support.deployment import api_settings, set_faults
 
 from deployhealth.checks import entitlements, provisioner_daemons, workspace_proxy
 from deployhealth.deadline import Deadline
@@ -21,14 +21,16 @@ from deployhealth.inventory import (
     ApiInventory,
     CoderAPI,
     DatabaseInventory,
+    FeatureNotLicensed,
     InventoryError,
     StaticInventory,
+    not_licensed_feature,
     open_inventory,
 )
 from deployhealth.model import Section
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
-from deployhealth.sim.inventory import inventory_of, seed_database
+from deployhealth.sim.inventory import BUILTIN_KEY_ID, inventory_of, seed_database
 from deployhealth.sim.postgres import LocalPostgres
 from deployhealth.sim.tcp import free_port
 
@@ -117,6 +119,88 @@ def test_api_without_token_is_refused_before_asking(sim: SimulatedDeployment) ->
         # buildinfo needs none.
         assert api.buildinfo(soon())["version"] == CODER_VERSION
     finally:
+        api.close()
+
+
+# --- Coder's licence refusal ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "feature"),
+    [
+        # RequireFeatureMW, and the word newer releases use for every feature.
+        (403, b'{"message": "Workspace Proxy is an Enterprise feature. Contact sales!"}',
+         "Workspace Proxy"),
+        (403, b'{"message":"Workspace Proxy is a Premium feature. Contact sales!"}\n',
+         "Workspace Proxy"),
+        (403, b'{"message": "External provisioner daemons is an Enterprise feature. '
+              b'Contact sales!"}', "External provisioner daemons"),
+        # A bare 403: a token without the rights, or something in front of Coder.
+        (403, b'{"message": "Forbidden.", "detail": "You don\'t have permission"}', None),
+        (403, b"<html><head><title>403 Forbidden</title></head></html>", None),
+        (403, b'{"message": "Workspace Proxy is an Enterprise feature."}', None),
+        (403, b'["Workspace Proxy is an Enterprise feature. Contact sales!"]', None),
+        # Coder's sentence under another status is not the feature gate.
+        (401, b'{"message": "Workspace Proxy is an Enterprise feature. Contact sales!"}', None),
+    ],
+)
+def test_the_licence_refusal_is_status_403_and_coders_sentence(
+    status: int, body: bytes, feature: str | None
+) -> None:
+    found = not_licensed_feature(status, body)
+    assert (found[0] if found else None) == feature
+
+
+def test_api_source_of_an_unlicensed_deployment(sim: SimulatedDeployment) -> None:
+    set_faults(sim, licence="none")
+    inventory = open_inventory(api_settings(sim))
+    try:
+        with pytest.raises(FeatureNotLicensed) as caught:
+            inventory.proxies(soon())
+        assert caught.value.feature == "Workspace Proxy"
+        assert str(caught.value) == (
+            f"GET {sim.url}/api/v2/workspaceproxies answered 403 Forbidden: "
+            "Workspace Proxy is an Enterprise feature. Contact sales!"
+        )
+        # Current releases list the daemons without a licence: coderd's own, one org.
+        daemons = inventory.provisioner_daemons(soon())
+        assert [(d.name, d.key_id) for d in daemons] == [("provisioner-coder", BUILTIN_KEY_ID)]
+        set_faults(sim, licence="none-old")
+        with pytest.raises(FeatureNotLicensed) as caught:
+            inventory.provisioner_daemons(soon())
+        assert caught.value.feature == "External provisioner daemons"
+    finally:
+        inventory.close()
+
+
+def test_a_403_from_in_front_of_coder_is_a_plain_inventory_error(
+    sim: SimulatedDeployment,
+) -> None:
+    set_faults(sim, waf="block")
+    inventory = open_inventory(api_settings(sim))
+    try:
+        with pytest.raises(InventoryError) as caught:
+            inventory.proxies(soon())
+    finally:
+        inventory.close()
+    assert not isinstance(caught.value, FeatureNotLicensed)
+    assert "/api/v2/workspaceproxies answered 403 Forbidden: <html>" in str(caught.value)
+
+
+def test_database_of_an_unlicensed_deployment_matches_its_api(
+    sim: SimulatedDeployment, coder_db: tuple[str, Callable[[str], object]]
+) -> None:
+    url, execute = coder_db
+    set_faults(sim, licence="none")
+    inventory_of(sim).touch()
+    seed_database(sim, execute)
+    database = open_inventory(db_settings(sim, url))
+    api = open_inventory(api_settings(sim))
+    try:
+        assert database.proxies(soon()) == []  # no proxy can be created without the licence
+        assert database.provisioner_daemons(soon()) == api.provisioner_daemons(soon())
+    finally:
+        database.close()
         api.close()
 
 
