@@ -128,6 +128,53 @@ def test_a_rejected_token_is_eunknown(sim: SimulatedDeployment) -> None:
     assert "stale-token-42" not in json.dumps(section.to_dict())
 
 
+def test_an_answer_without_features_is_eunknown_not_a_licence_verdict(
+    sim: SimulatedDeployment,
+) -> None:
+    set_faults(sim, entitlements="no-features", replicas="two-ha")
+    section = run(api_settings(sim))
+    # Not EENT01: a missing high_availability is not "not_entitled".
+    assert section.codes == ["EUNKNOWN"] and section.severity is Severity.ERROR
+    assert section.error == (
+        "EUNKNOWN: cannot judge the entitlements: GET /api/v2/entitlements answered without a "
+        "features object"
+    )
+    assert section.to_dict()["has_license"] is None
+
+
+def test_a_403_from_in_front_of_coder_is_eunknown(sim: SimulatedDeployment) -> None:
+    set_faults(sim, waf="block")
+    section = run(api_settings(sim))
+    assert set(section.codes) == {"EUNKNOWN"} and section.severity is Severity.ERROR
+    assert "answered 403 Forbidden" in (section.error or "")
+
+
+# --- without a licence ----------------------------------------------------------------
+
+
+def test_unlicensed_single_replica_is_ok(sim: SimulatedDeployment) -> None:
+    set_faults(sim, licence="none-old")
+    section = run(api_settings(sim))
+    assert section.severity is Severity.OK and section.codes == []
+    data = section.to_dict()
+    assert data["healthy"] is True and data["has_license"] is False
+    assert data["errors"] == []
+    assert data["high_availability"] == {"entitlement": "not_entitled", "enabled": False}
+    assert hosts(section) == ["coder-0"]
+
+
+def test_unlicensed_two_replicas_is_eent01_with_coders_message(
+    sim: SimulatedDeployment,
+) -> None:
+    set_faults(sim, licence="none", replicas="two-no-ha")
+    section = run(api_settings(sim))
+    assert section.severity is Severity.ERROR and set(section.codes) == {"EENT01"}
+    assert section.to_dict()["errors"] == [
+        "You have multiple replicas but high availability is an Enterprise feature. You will "
+        "be unable to connect to workspaces."
+    ]
+
+
 def test_unreachable_deployment_is_eunknown() -> None:
     settings = Settings(access_url=f"http://127.0.0.1:{free_port()}", coder_token=Secret("tok1"))
     section = run(settings)

@@ -20,8 +20,10 @@ Fault switches (`POST /_sim/faults?name=mode`, the first mode is the healthy def
                   after 10 s, a 50 MB body, a freed port, no URL; all-down: both unreachable)
     provisioners  ok | none | stale | old-version | old-api | bad-version
     replicas      one | two-no-ha | two-ha | replica-error
-    entitlements  ok | expiring | silent   (silent: the deployment reports no errors or
-                                            warnings itself, as an older Coder would not)
+    entitlements  ok | expiring | silent | no-features
+                  (silent: the deployment reports no errors or warnings itself, as an older
+                  Coder would not; no-features: a 200 whose JSON has no `features` object,
+                  an answer deployhealth cannot judge)
     licence       enterprise | none | none-old
                   (none: no licence, as Coder answers then: `/api/v2/workspaceproxies` is
                   403 "Workspace Proxy is an Enterprise feature. Contact sales!" (before any
@@ -74,7 +76,7 @@ PROXY_MODES = (
 )
 PROVISIONER_MODES = ("ok", "none", "stale", "old-version", "old-api", "bad-version")
 REPLICA_MODES = ("one", "two-no-ha", "two-ha", "replica-error")
-ENTITLEMENT_MODES = ("ok", "expiring", "silent")
+ENTITLEMENT_MODES = ("ok", "expiring", "silent", "no-features")
 LICENCE_MODES = ("enterprise", "none", "none-old")
 WAF_MODES = ("off", "block")
 
@@ -504,6 +506,8 @@ class SimInventory:
         Coder still computes, several replicas without high availability.
         """
         licensed = self.entitlements()
+        if self.sim.mode("entitlements") == "no-features":
+            return {k: v for k, v in licensed.items() if k != "features"}
         if self.licensed:
             return licensed
         features: dict[str, Any] = {}
