@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from deployhealth.sim.deployment import SimulatedDeployment
+from deployhealth.sim.inventory import inventory_of, seed_database
 from deployhealth.sim.tcp import free_port
 
 COMMAND = str(Path(sys.executable).parent / "deployhealth")
@@ -74,6 +75,71 @@ def test_check_section_judges_only_the_named_sections(healthy_env, sim, tmp_path
     assert result.returncode == 0, result.stdout
     report = json.loads(result.stdout)
     assert set(report) >= {"database"} and "access_url" not in report
+
+
+def all_codes(report: dict) -> set[str]:
+    codes: set[str] = set()
+    for section in report.values():
+        if isinstance(section, dict) and "severity" in section:
+            codes |= {w["code"] for w in section["warnings"]}
+            codes |= {line.split(":", 1)[0] for line in (section.get("error") or "").splitlines()}
+    return codes
+
+
+UNLICENSED_SECTIONS = ["--section", "WorkspaceProxy", "--section", "ProvisionerDaemons",
+                       "--section", "Entitlements"]
+
+
+def test_check_an_unlicensed_deployment_reading_daemons_from_its_database(
+    sim, coder_db, tmp_path
+):
+    url, execute = coder_db
+    sim.set_faults({"licence": "none-old"})
+    inventory_of(sim).touch()
+    seed_database(sim, execute)
+    env = clean_env(
+        DEPLOYHEALTH_ACCESS_URL=sim.url,
+        DEPLOYHEALTH_DATABASE_URL=url,
+        DEPLOYHEALTH_CODER_TOKEN=sim.token,
+        DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
+    )
+    result = run(["check", "--json"], env, tmp_path)
+    assert result.returncode == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert not {"EUNKNOWN", "EWP02"} & all_codes(report)
+    proxies = report["workspace_proxy"]
+    assert proxies["severity"] == "ok" and proxies["workspace_proxies"] == {"regions": []}
+    assert "not licensed for" in proxies["note"] and "nothing to check" in proxies["note"]
+    daemons = report["provisioner_daemons"]
+    assert daemons["severity"] == "ok"
+    assert [i["provisioner_daemon"]["name"] for i in daemons["items"]] == ["provisioner-coder"]
+    assert daemons["note"].startswith("read from the database inventory")
+    assert report["entitlements"]["has_license"] is False
+    # Named, the sections that do not gate by default gate too.
+    named = run(["check", "--json", *UNLICENSED_SECTIONS], env, tmp_path)
+    assert named.returncode == 0, named.stdout
+
+
+def test_check_an_unlicensed_deployment_without_a_database(sim, tmp_path):
+    sim.set_faults({"licence": "none-old"})
+    env = clean_env(DEPLOYHEALTH_ACCESS_URL=sim.url, DEPLOYHEALTH_CODER_TOKEN=sim.token)
+    result = run(["check", "--json", *UNLICENSED_SECTIONS], env, tmp_path)
+    assert result.returncode == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert all_codes(report) == {"ENOTCHECKED"}
+    daemons = report["provisioner_daemons"]
+    assert daemons["severity"] == "warning" and daemons["items"] == []
+    assert "DEPLOYHEALTH_DATABASE_URL" in daemons["warnings"][0]["message"]
+    assert report["workspace_proxy"]["severity"] == "ok"
+
+
+def test_check_with_a_rejected_token_says_epd04_not_epd01(sim, tmp_path):
+    env = clean_env(DEPLOYHEALTH_ACCESS_URL=sim.url, DEPLOYHEALTH_CODER_TOKEN="revoked-token-7")
+    result = run(["check", "--json", "--section", "ProvisionerDaemons"], env, tmp_path)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert all_codes(report) == {"EPD04"}
+    assert "revoked-token-7" not in result.stdout + result.stderr
 
 
 def test_check_with_the_database_down_is_not_ready(sim, tmp_path):
