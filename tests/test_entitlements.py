@@ -91,9 +91,11 @@ def test_replica_error_is_eent03(sim: SimulatedDeployment) -> None:
 # --- credentials ----------------------------------------------------------------------
 
 
-def test_no_token_is_an_eent02_warning_that_says_what_is_not_checked() -> None:
+def test_no_token_is_not_checked_a_warning_that_says_what_to_set() -> None:
     section = run(Settings(access_url="https://coder.example.com"))
-    assert section.codes == ["EENT02"] and section.severity is Severity.WARNING
+    # Neither the entitlements nor (no inventory either) the replicas were read: one
+    # ENOTCHECKED, not an EUNKNOWN for replicas nobody configured.
+    assert section.codes == ["ENOTCHECKED"] and section.severity is Severity.WARNING
     data = section.to_dict()
     assert data["healthy"] is True
     assert "the entitlements are not checked: no Coder API token is configured" in (
@@ -110,7 +112,7 @@ def test_no_token_still_reads_replicas_from_the_database(
     set_faults(sim, replicas="replica-error")
     seed_database(sim, execute)
     section = run(Settings(access_url=sim.url, database_url=Secret(url)))
-    assert sorted(section.codes) == ["EENT02", "EENT03"]
+    assert sorted(section.codes) == ["EENT03", "ENOTCHECKED"]
     # Only live primaries: not the stopped, the crashed, nor the proxy's replica.
     assert hosts(section) == ["coder-0", "coder-1"]
     assert "2 live primary replicas are running, and whether high availability is licensed" in (

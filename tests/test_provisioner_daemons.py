@@ -159,14 +159,22 @@ def test_only_daemons_seen_within_90_s_count(sim: SimulatedDeployment) -> None:
 
 
 def test_unreadable_buildinfo_is_eunknown_but_epd01_still_judged() -> None:
-    settings = Settings(access_url=f"http://127.0.0.1:{free_port()}")
-    section = run(settings)  # static source, no daemons
+    settings = Settings(access_url=f"http://127.0.0.1:{free_port()}", inventory="static")
+    section = run(settings)  # the operator's own list: no daemons
     assert sorted(section.codes) == ["EPD01", "EUNKNOWN"]
     assert "cannot read the server's version" in (section.error or "")
     assert "daemon versions are not compared" in (section.error or "")
 
 
 # --- could not look is not "found none" -------------------------------------------------
+
+
+def test_no_inventory_configured_is_not_checked_rather_than_none_found() -> None:
+    section = run(Settings(access_url=f"http://127.0.0.1:{free_port()}"))
+    assert section.codes == ["ENOTCHECKED"] and section.severity is Severity.WARNING
+    message = next(w.message for w in section.warnings if w.code == "ENOTCHECKED")
+    assert message.startswith("the provisioner daemons are not checked: no inventory source")
+    assert "DEPLOYHEALTH_STATIC_PROVISIONER_DAEMONS" in message
 
 
 def not_read(section: Section) -> None:

@@ -155,8 +155,17 @@ def test_no_proxy_ok_is_an_error_with_every_proxy_error(sim: SimulatedDeployment
 
 
 def test_no_proxies_is_ok(sim: SimulatedDeployment) -> None:
-    section = run(Settings())  # static source, empty list
+    section = run(Settings(inventory="static"))  # the operator's own list: none
     assert section.severity is Severity.OK and section.codes == []
+    assert section.to_dict()["workspace_proxies"] == {"regions": []}
+
+
+def test_no_inventory_configured_is_not_checked_rather_than_none_found() -> None:
+    section = run(Settings())  # no token, no database, no list: nobody said
+    assert section.codes == ["ENOTCHECKED"] and section.severity is Severity.WARNING
+    message = section.warnings[0].message
+    assert message.startswith("the workspace proxies are not checked: no inventory source")
+    assert "DEPLOYHEALTH_CODER_TOKEN" in message and "DEPLOYHEALTH_STATIC_PROXIES" in message
     assert section.to_dict()["workspace_proxies"] == {"regions": []}
 
 

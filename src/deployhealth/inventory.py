@@ -67,6 +67,14 @@ class InventoryError(Exception):
     """The inventory could not be read; the message is safe to show."""
 
 
+class NothingConfigured(InventoryError):
+    """No source was configured: no token, no database, and no static list of this kind.
+
+    The `static` source is then only the fallback, and its empty list means "nobody said",
+    not "there are none": the families report ENOTCHECKED, never "found none".
+    """
+
+
 class FeatureNotLicensed(InventoryError):
     """Coder refused a route because its licence lacks the feature (403 from its feature gate).
 
@@ -613,14 +621,31 @@ class StaticInventory:
         self._proxies = settings.static_proxies
         self._daemons = settings.static_provisioner_daemons
         self._replicas = settings.static_replicas
+        # Chosen by DEPLOYHEALTH_INVENTORY=static, an empty list is the operator saying
+        # "none"; as the fallback for want of a token or a database, it says nothing.
+        self._chosen = bool(settings.inventory)
+
+    def _listed(self, items: tuple[Mapping[str, Any], ...], what: str, setting: str) -> None:
+        if not items and not self._chosen:
+            raise NothingConfigured(
+                f"no inventory source is configured: set "
+                "DEPLOYHEALTH_CODER_TOKEN (or _SECRET) to read them from the Coder API, "
+                f"DEPLOYHEALTH_DATABASE_URL (or _SECRET) to read Coder's tables, or list the "
+                f"{what} in {setting}"
+            )
 
     def proxies(self, deadline: Deadline) -> list[Proxy]:
+        self._listed(self._proxies, "workspace proxies", "DEPLOYHEALTH_STATIC_PROXIES")
         return [p for p in map(proxy_from_api, self._proxies) if _keep_proxy(p)]
 
     def provisioner_daemons(self, deadline: Deadline) -> list[ProvisionerDaemon]:
+        self._listed(
+            self._daemons, "provisioner daemons", "DEPLOYHEALTH_STATIC_PROVISIONER_DAEMONS"
+        )
         return [daemon_from_api(item) for item in self._daemons]
 
     def replicas(self, deadline: Deadline) -> list[Replica]:
+        self._listed(self._replicas, "replicas", "DEPLOYHEALTH_STATIC_REPLICAS")
         return [replica_from_api(item) for item in self._replicas]
 
     def close(self) -> None:

@@ -13,9 +13,9 @@ from the inventory (primary, not stopped, updated within 15 s; see `Replica.is_l
 
 Decisions:
 
-- **No token** is EENT02 at *warning*, not an error and not a silent `ok`: without a token
-  the entitlements cannot be read, so the section cannot vouch for the licence (hence not
-  `ok`), but a deployment is not broken because its watcher lacks a credential, and an
+- **No token** is ENOTCHECKED at *warning*, not an error and not a silent `ok`: without a
+  token the entitlements cannot be read, so the section cannot vouch for the licence (hence
+  not `ok`), but a deployment is not broken because its watcher lacks a credential, and an
   error would fail readiness for every deployment that chooses not to give one (hence not
   an error). The message says what is not checked and how to fix it; the replicas are
   still read and reported (EENT03 still applies) when an inventory source is available.
@@ -43,6 +43,7 @@ from deployhealth.deadline import Deadline
 from deployhealth.inventory import (
     CoderAPI,
     InventoryError,
+    NothingConfigured,
     Replica,
     live_replicas,
     open_inventory,
@@ -121,6 +122,9 @@ def _live_replicas(
     try:
         with closing(open_inventory(settings)) as inventory:
             replicas = inventory.replicas(deadline)
+    except NothingConfigured:
+        # Only without a token, and then the entitlements' own ENOTCHECKED says what to set.
+        return None
     except InventoryError as exc:
         findings.append(
             Finding(
@@ -144,7 +148,7 @@ def _entitlements(
         return None
     try:
         if not api.token:
-            findings.append(Finding("EENT02", _no_token(live), Severity.WARNING))
+            findings.append(Finding("ENOTCHECKED", _no_token(live), Severity.WARNING))
             return None
         return api.entitlements(deadline)
     except (InventoryError, SettingsError) as exc:

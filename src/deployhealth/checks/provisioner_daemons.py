@@ -39,6 +39,7 @@ from deployhealth.inventory import (
     DatabaseInventory,
     FeatureNotLicensed,
     InventoryError,
+    NothingConfigured,
     ProvisionerDaemon,
     open_inventory,
 )
@@ -97,6 +98,9 @@ def _read(settings: Settings, deadline: Deadline) -> _Inventory:
             return _Inventory(inventory.provisioner_daemons(deadline))
     except FeatureNotLicensed as refused:
         return _unlicensed(settings, deadline, refused)
+    except NothingConfigured as exc:
+        message = f"the provisioner daemons are not checked: {exc}"
+        return _Inventory(None, Finding("ENOTCHECKED", message, Severity.WARNING))
     except InventoryError as exc:
         message = (
             f"cannot read the provisioner daemons ({source} inventory): {exc}: nothing is "

@@ -47,6 +47,7 @@ from deployhealth.deadline import Deadline
 from deployhealth.inventory import (
     FeatureNotLicensed,
     InventoryError,
+    NothingConfigured,
     Proxy,
     coder_error_text,
     open_inventory,
@@ -93,6 +94,11 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
             f"({exc}): nothing to check"
         )
         return Section.from_findings([], details, healthy=True)
+    except NothingConfigured as exc:
+        finding = Finding(
+            "ENOTCHECKED", f"the workspace proxies are not checked: {exc}", Severity.WARNING
+        )
+        return Section.from_findings([finding], details, healthy=True)
     except InventoryError as exc:
         finding = Finding(
             "EWP02", f"cannot read the workspace proxies ({source} inventory): {exc}",
