@@ -1,5 +1,6 @@
-"""STUN binding messages: RFC 5769's test vector, round trips, and hostile datagrams that must
-only ever raise StunParseError."""
+"""STUN binding messages: RFC 5769's and Tailscale's test vectors, requests as Tailscale's
+server wants them, round trips, and hostile datagrams that must only ever raise
+StunParseError."""
 
 from __future__ import annotations
 
@@ -17,14 +18,45 @@ FUZZ = settings(
     max_examples=500, deadline=1000, suppress_health_check=[HealthCheck.too_slow]
 )
 
-# RFC 5769 section 2.2, "Sample IPv4 Response": mapped address 192.0.2.1:32853.
+# RFC 5769 section 2.2, "Sample IPv4 Response": mapped address 192.0.2.1:32853, then
+# MESSAGE-INTEGRITY and a FINGERPRINT over all of it.
 RFC5769_TXID = bytes.fromhex("b7e7a701bc34d686fa87dfae")
 RFC5769_IPV4_RESPONSE = bytes.fromhex(
     "0101003c2112a442b7e7a701bc34d686fa87dfae"
     "8022000b7465737420766563746f7220"
     "002000080001a147e112a643"
-    "000800145d6b90ff7727c3a2f4b7a6a8c4cd5ea63fc83f21"
+    "000800142b91f599fd9e90c38c7489f92af9ba53f06be7d7"
     "80280004c07d4c96"
+)
+# RFC 5769 section 2.1, "Sample Request": SOFTWARE "STUN test client", PRIORITY,
+# ICE-CONTROLLED, USERNAME, MESSAGE-INTEGRITY and a right FINGERPRINT. A valid RFC 5389
+# request that Tailscale's STUN server drops: its SOFTWARE is not "tailnode".
+RFC5769_REQUEST = bytes.fromhex(
+    "000100582112a442b7e7a701bc34d686fa87dfae"
+    "802200105354554e207465737420636c69656e74"
+    "002400046e0001ff"
+    "80290008932ff9b151263b36"
+    "000600096576746a3a68367659202020"
+    "000800149aeaa70cbfd8cb56781ef2b5b2d3f249c1b571a2"
+    "80280004e57a3bcf"
+)
+# Tailscale's net/stun/stun_test.go, "in-process pion server": SOFTWARE "endpointer",
+# XOR-MAPPED-ADDRESS 127.0.0.1:61300, FINGERPRINT, and 8 bytes past the announced body.
+PION_TXID = bytes.fromhex("ebc2d36ef471217c4f3e308e")
+PION_RESPONSE = bytes.fromhex(
+    "010100242112a442ebc2d36ef471217c4f3e308e"
+    "8022000a656e64706f696e7465720000"
+    "002000080001ce665e12a443"
+    "80280004b699bb02"
+    "010100242112a442"
+)
+# A binding request as Tailscale's client (net/stun.Request) builds it for the transaction
+# id 00 01 .. 0b: a header announcing 20 bytes, SOFTWARE "tailnode", FINGERPRINT.
+TAILSCALE_TXID = bytes(range(12))
+TAILSCALE_REQUEST = bytes.fromhex(
+    "000100142112a442000102030405060708090a0b"
+    "802200087461696c6e6f6465"
+    "802800048aabad90"
 )
 # RFC 5769 section 2.3, "Sample IPv6 Response": [2001:db8:1234:5678:11:2233:4455:6677]:32853.
 RFC5769_IPV6_RESPONSE = bytes.fromhex(
@@ -41,6 +73,7 @@ def test_rfc5769_ipv4_response():
     response = stun.parse_binding_response(RFC5769_IPV4_RESPONSE, RFC5769_TXID)
     assert (response.ip, response.port) == ("192.0.2.1", 32853)
     assert response.xor and response.address == "192.0.2.1:32853"
+    assert response.fingerprint_ok is True
 
 
 def test_rfc5769_ipv6_response():
@@ -49,13 +82,89 @@ def test_rfc5769_ipv6_response():
     assert response.address == "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
 
 
-def test_binding_request_header():
+def test_pion_response_with_fingerprint_and_trailing_bytes():
+    response = stun.parse_binding_response(PION_RESPONSE, PION_TXID)
+    assert response.address == "127.0.0.1:61300" and response.fingerprint_ok is True
+
+
+def test_binding_request_is_byte_for_byte_tailscales():
+    assert stun.binding_request(TAILSCALE_TXID) == (TAILSCALE_TXID, TAILSCALE_REQUEST)
     txid, request = stun.binding_request()
-    assert len(txid) == 12 and len(request) == 20
-    assert request[:8] == bytes.fromhex("000100002112a442")
-    assert request[8:] == txid
+    assert len(txid) == 12 and len(request) == 40
+    # Header: binding request, a 20-byte body (SOFTWARE 12 + FINGERPRINT 8), the cookie.
+    assert request[:8] == bytes.fromhex("000100142112a442")
+    assert request[8:20] == txid
+    assert request[20:32] == b"\x80\x22\x00\x08tailnode"
+    assert request[32:36] == bytes.fromhex("80280004")
     assert stun.parse_binding_request(request) == txid
     assert stun.binding_request()[0] != txid  # random per request
+
+
+def test_bare_request_is_what_tailscale_drops():
+    _txid, bare = stun.bare_binding_request(TAILSCALE_TXID)
+    assert bare == TAILSCALE_REQUEST[:2] + b"\0\0" + TAILSCALE_REQUEST[4:20]
+    with pytest.raises(StunParseError, match=r'no SOFTWARE attribute.*"tailnode"'):
+        stun.parse_binding_request(bare)
+
+
+def _request(*attributes: tuple[int, bytes], fingerprint: bool = True) -> bytes:
+    """A binding request with these attributes, then (by default) a right FINGERPRINT."""
+    body = b"".join(
+        struct.pack(">HH", t, len(v)) + v + b"\0" * (-len(v) % 4) for t, v in attributes
+    )
+    length = len(body) + (8 if fingerprint else 0)
+    message = struct.pack(">HHI12s", 0x0001, length, stun.MAGIC_COOKIE, TAILSCALE_TXID) + body
+    if fingerprint:
+        message += struct.pack(">HHI", stun.ATTR_FINGERPRINT, 4, stun.fingerprint(message))
+    return message
+
+
+def test_requests_tailscale_drops_say_why():
+    software = (stun.ATTR_SOFTWARE, b"tailnode")
+    # A right FINGERPRINT, but not Tailscale's client.
+    with pytest.raises(StunParseError, match="'STUN test client', not \"tailnode\""):
+        stun.parse_binding_request(RFC5769_REQUEST)
+    with pytest.raises(StunParseError, match="does not end in FINGERPRINT"):
+        stun.parse_binding_request(_request(software, fingerprint=False))
+    # FINGERPRINT present but not last.
+    fingerprinted = _request(software)
+    moved = _request((stun.ATTR_FINGERPRINT, fingerprinted[-4:]), software, fingerprint=False)
+    with pytest.raises(StunParseError, match="last attribute is 0x8022"):
+        stun.parse_binding_request(moved)
+    wrong = bytearray(TAILSCALE_REQUEST)
+    wrong[-1] ^= 0x01
+    with pytest.raises(StunParseError, match="FINGERPRINT 0x8aabad91 does not match"):
+        stun.parse_binding_request(bytes(wrong))
+    # A CRC without the XOR is not a STUN fingerprint.
+    raw_crc = TAILSCALE_REQUEST[:-4] + struct.pack(
+        ">I", stun.fingerprint(TAILSCALE_REQUEST[:-8]) ^ stun.FINGERPRINT_XOR
+    )
+    with pytest.raises(StunParseError, match="does not match"):
+        stun.parse_binding_request(raw_crc)
+    short = _request(software, (stun.ATTR_FINGERPRINT, b"\0\0"), fingerprint=False)
+    with pytest.raises(StunParseError, match="FINGERPRINT is 2 bytes"):
+        stun.parse_binding_request(short)
+
+
+def test_requests_tailscale_accepts():
+    # Other attributes before SOFTWARE are fine, and so is a second SOFTWARE.
+    busy = _request(
+        (0x8023, b"x"), (stun.ATTR_SOFTWARE, b"other"), (stun.ATTR_SOFTWARE, b"tailnode")
+    )
+    assert stun.parse_binding_request(busy) == TAILSCALE_TXID
+    assert stun.parse_binding_request(TAILSCALE_REQUEST) == TAILSCALE_TXID
+
+
+def test_response_fingerprint_is_read_never_refused():
+    txid = bytes(range(12))
+    plain = stun.binding_response(txid, "198.51.100.7", 1234)
+    assert stun.parse_binding_response(plain, txid).fingerprint_ok is None
+    signed = stun.binding_response(txid, "198.51.100.7", 1234, with_fingerprint=True)
+    assert len(signed) == len(plain) + 8 and signed[2:4] == b"\x00\x14"
+    assert stun.parse_binding_response(signed, txid).fingerprint_ok is True
+    bent = signed[:-1] + bytes([signed[-1] ^ 0xFF])
+    response = stun.parse_binding_response(bent, txid)
+    assert response.address == "198.51.100.7:1234" and response.fingerprint_ok is False
 
 
 def test_response_to_another_transaction_is_refused():
@@ -126,10 +235,31 @@ addresses = st.one_of(
 
 
 @FUZZ
-@given(st.binary(min_size=12, max_size=12), addresses, st.integers(0, 65535), st.booleans())
-def test_any_response_round_trips(txid, ip, port, xor):
-    response = stun.parse_binding_response(stun.binding_response(txid, ip, port, xor=xor), txid)
+@given(
+    st.binary(min_size=12, max_size=12), addresses, st.integers(0, 65535), st.booleans(),
+    st.booleans(),
+)
+def test_any_response_round_trips(txid, ip, port, xor, signed):
+    data = stun.binding_response(txid, ip, port, xor=xor, with_fingerprint=signed)
+    response = stun.parse_binding_response(data, txid)
     assert (response.ip, response.port, response.xor) == (ip, port, xor)
+    assert response.fingerprint_ok is (True if signed else None)
+
+
+@FUZZ
+@given(st.binary(min_size=12, max_size=12))
+def test_any_request_round_trips(txid):
+    assert stun.parse_binding_request(stun.binding_request(txid)[1]) == txid
+
+
+@FUZZ
+@given(st.binary(min_size=12, max_size=12), st.integers(0, 40 * 8 - 1))
+def test_every_single_bit_flip_of_a_request_is_refused(txid, bit):
+    # CRC-32 catches every one-bit error, and the header's own checks catch the rest.
+    data = bytearray(stun.binding_request(txid)[1])
+    data[bit // 8] ^= 0x80 >> (bit % 8)
+    with pytest.raises(StunParseError):
+        stun.parse_binding_request(bytes(data))
 
 
 def _parse_both(data: bytes) -> None:
@@ -162,8 +292,19 @@ def test_random_datagrams_only_ever_raise_stun_parse_error(data):
     ),
     st.binary(max_size=40),
 )
-def test_mutated_responses_only_ever_raise_stun_parse_error(txid, ip, port, hows, extra):
-    data = bytearray(stun.binding_response(txid, ip, port))
+def test_mutated_messages_only_ever_raise_stun_parse_error(txid, ip, port, hows, extra):
+    # Requests and responses, each with and without a FINGERPRINT, mutated the same way.
+    for start in (
+        stun.binding_response(txid, ip, port),
+        stun.binding_response(txid, ip, port, with_fingerprint=True),
+        stun.binding_request(txid)[1],
+    ):
+        _mutate_and_parse(bytearray(start), txid, hows, extra)
+
+
+def _mutate_and_parse(
+    data: bytearray, txid: bytes, hows: list[tuple[str, int, int]], extra: bytes
+) -> None:
     for kind, where, value in hows:
         at = where % max(1, len(data))
         if kind == "flip" and data:
