@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import socket
 import ssl
 import subprocess
 import threading
@@ -36,6 +37,7 @@ from deployhealth.sim.derp import DerpServer
 from deployhealth.sim.stun import StunServer, servers_of
 from deployhealth.sim.tcp import BlackHoleServer, free_port
 from deployhealth.wire import derp as wire
+from deployhealth.wire import stun as stun_wire
 
 # Every test starts from the system CA store, whatever the developer's shell sets.
 pytestmark = pytest.mark.usefixtures("system_trust_only")
@@ -363,6 +365,44 @@ def test_stun_answers_fill_netcheck(stun_servers):
     assert first.answered >= 1 and second.answered >= 1
     assert first.last_client == second.last_client
     assert netcheck["GlobalV4"] == "{}:{}".format(*first.last_client)
+
+
+def test_sim_stun_server_drops_a_bare_request_and_answers_deployhealths(stun_servers):
+    server = stun_servers()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5.0)
+        bare_txid, bare = stun_wire.bare_binding_request()
+        client.sendto(bare, (server.host, server.port))
+        assert server.wait_for_dropped(1)
+        assert server.last_drop is not None and "no SOFTWARE" in server.last_drop
+        txid, request = stun_wire.binding_request()
+        client.sendto(request, (server.host, server.port))
+        # One server thread reads in order: had the bare request been answered, that answer
+        # would have arrived first.
+        data, _source = client.recvfrom(2048)
+    answer = stun_wire.parse_binding_response(data)
+    assert answer.txid == txid != bare_txid
+    assert server.last_client is not None
+    assert answer.address == "{}:{}".format(*server.last_client)
+    assert (server.dropped, server.requests, server.answered) == (1, 1, 1)
+
+
+def test_a_stun_only_region_on_a_tailscale_style_server_is_ok(stun_servers):
+    # The sim's server answers only requests with SOFTWARE "tailnode" and a FINGERPRINT,
+    # as derper does; a region served by it alone, from a DERP map, must be ok.
+    strict = stun_servers()
+    section = run(Settings(derp_map=derp_map(region(8, stun_node("8a", 8, strict)))))
+    assert "ESTUN01" not in codes(section) and codes(section) == []
+    regional = section.details["regions"]["8"]
+    assert regional["healthy"] is True and regional["severity"] == "ok"
+    node = node_report(section, 8)
+    assert node["stun"] == {"Enabled": True, "CanSTUN": True, "Error": None}
+    assert section.severity is Severity.OK
+    assert strict.dropped == 0 and strict.answered >= 1
+    # The same server as DEPLOYHEALTH_STUN_SERVERS: its own STUN-only region 1000.
+    listed = run(Settings(stun_servers=(strict.address,)))
+    assert listed.details["regions"]["1000"]["severity"] == "ok" and codes(listed) == []
+    assert strict.dropped == 0
 
 
 def test_hard_nat_is_estun02_a_message_that_does_not_raise_the_severity(stun_servers):
@@ -722,6 +762,8 @@ def test_coturn_answers_stun_and_the_mapped_address_is_reported(tmp_path):
         section = run(Settings(stun_servers=(f"127.0.0.1:{port}",)))
     finally:
         process.stop()
+    # An RFC 5389 server that knows nothing of Tailscale answers the request with
+    # SOFTWARE "tailnode" and FINGERPRINT just as it answered a bare one.
     node = node_report(section, 1000)
     assert node["stun"] == {"Enabled": True, "CanSTUN": True, "Error": None}
     assert section.severity is Severity.OK and codes(section) == []

@@ -6,6 +6,11 @@ as RFC 5389 retransmits) at the next try, a few tries of about 2 s each within t
 deadline. Using one socket is the point: a NAT that maps it to different public
 `ip:port` pairs for different destinations is a "hard" NAT, and only answers to the same
 local socket show it.
+
+Each request is the 40-byte form Tailscale's client sends (SOFTWARE "tailnode" and a
+FINGERPRINT, see `wire.stun.binding_request`): Tailscale's STUN server, which serves every
+derper region, drops a bare request without a word, and a silent derper would look exactly
+like a blocked UDP port (ESTUN01).
 """
 
 from __future__ import annotations

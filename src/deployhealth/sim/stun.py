@@ -1,9 +1,13 @@
 """STUN servers on UDP loopback: answer binding requests, stay silent, or act as a hard NAT.
 
-`StunServer` answers every binding request with XOR-MAPPED-ADDRESS set to the address the
-request came from. `port_offset` adds to the reported port, which is what a hard NAT does
-(a different public mapping per destination); `silent` never answers, as when a security
-group drops UDP 3478. Both can change while it runs.
+`StunServer` behaves like Tailscale's STUN server (derper, net/stunserver): it answers a
+binding request only when it carries SOFTWARE "tailnode" and a right FINGERPRINT, last
+(`wire.stun.parse_binding_request` checks that), with XOR-MAPPED-ADDRESS set to the address
+the request came from and nothing else. Anything else, a bare 20-byte request included, is
+dropped without an answer and counted in `dropped` (Tailscale counts it as "not_stun"), the
+reason kept in `last_drop`. `port_offset` adds to the reported port, which is what a hard
+NAT does (a different public mapping per destination); `silent` never answers, as when a
+security group drops UDP 3478. Both can change while it runs.
 
 `register(sim)` starts two of them with the simulated deployment, at 127.0.0.1 and
 127.0.0.2 (both loopback on Linux; the second falls back to 127.0.0.1 elsewhere), so that
@@ -63,7 +67,9 @@ class StunServer(Service):
         self._lock = threading.Condition()
         self._requests = 0
         self._answered = 0
+        self._dropped = 0
         self.last_client: tuple[str, int] | None = None  # where the last request came from
+        self.last_drop: str | None = None  # why the last dropped datagram was dropped
 
     @property
     def address(self) -> str:
@@ -79,9 +85,19 @@ class StunServer(Service):
         with self._lock:
             return self._answered
 
+    @property
+    def dropped(self) -> int:
+        """Datagrams that were not a binding request Tailscale's server answers."""
+        with self._lock:
+            return self._dropped
+
     def wait_for_requests(self, count: int = 1, timeout: float = 5.0) -> bool:
         with self._lock:
             return self._lock.wait_for(lambda: self._requests >= count, timeout)
+
+    def wait_for_dropped(self, count: int = 1, timeout: float = 5.0) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: self._dropped >= count, timeout)
 
     def start(self) -> Self:
         if self._thread is None:
@@ -119,8 +135,14 @@ class StunServer(Service):
                 continue  # an ICMP error from an earlier answer: the next datagram is fine
             try:
                 txid = wire.parse_binding_request(data)
-            except wire.StunParseError:
-                continue  # not ours to answer, as real servers drop junk
+            except wire.StunParseError as exc:
+                # Dropped without an answer, as Tailscale's server drops what its own
+                # client would not send: the client only ever sees silence.
+                with self._lock:
+                    self._dropped += 1
+                    self.last_drop = str(exc)
+                    self._lock.notify_all()
+                continue
             with self._lock:
                 self._requests += 1
                 self.last_client = (ip, port)
