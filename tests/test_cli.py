@@ -324,3 +324,26 @@ def test_demo_serves_both_sections_and_takes_faults(tmp_path):
         assert "[-]database failed: EDB01" in readyz(base).text
     finally:
         assert demo.stop() == 0
+
+
+def test_demo_switch_lands_between_rounds_and_the_next_round_shows_it(tmp_path):
+    # The demo's promise (sim/demo.py): a switch waits for the round in flight, says
+    # "fault: ...", and the round: line after that is the first to see it. No round line
+    # before the fault line can be taken for the round after.
+    port = free_port()
+    demo = ServeProcess(
+        ["demo", "--port", str(port), "--interval", "1"], clean_env(), tmp_path
+    )
+    try:
+        sim_url = demo.wait_for("simulated deployment").split()[-1]
+        demo.wait_for("round:")
+        for mode, verdict in (("unreachable", "workspace_proxy=warning(EWP04)"),
+                              ("ok", "workspace_proxy=ok")):
+            fault = requests.post(f"{sim_url}/_sim/faults", params={"proxy": mode}, timeout=60)
+            assert fault.status_code == 200 and fault.json()["proxy"] == mode
+            demo.wait_for(f"fault: proxy={mode}")
+            assert verdict in demo.wait_for("round:")
+        health = requests.get(f"http://127.0.0.1:{port}/api/v2/debug/health", timeout=10)
+        assert health.json()["workspace_proxy"]["severity"] == "ok"
+    finally:
+        assert demo.stop() == 0

@@ -12,16 +12,19 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from deployhealth import codes as code_docs
 from deployhealth.checks import FAMILIES
 from deployhealth.model import UnknownSectionError, canonical_section
 from deployhealth.readiness import Readiness
 from deployhealth.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from deployhealth.scheduler import Scheduler
 
 EXIT_READY, EXIT_NOT_READY, EXIT_BAD_SETTINGS = 0, 1, 2
 
@@ -197,8 +200,13 @@ def serve(
     *,
     banner: str = "",
     ready: threading.Event | None = None,
+    on_scheduler: Callable[[Scheduler], None] | None = None,
 ) -> int:
-    """Run the scheduler and the local API until SIGINT/SIGTERM."""
+    """Run the scheduler and the local API until SIGINT/SIGTERM.
+
+    `on_scheduler` sees the scheduler before its first round (the demo links its fault
+    switches to `Scheduler.between_rounds`).
+    """
     from deployhealth.api.app import ApiContext, create_app
     from deployhealth.api.local import LocalApiServer
     from deployhealth.metrics import MetricsSink
@@ -214,6 +222,8 @@ def serve(
     except OSError as exc:
         raise SettingsError("--port", f"cannot listen on {host}:{port}: {exc.strerror}") from None
     scheduler = Scheduler(settings, store, metrics, on_round=_log_round)
+    if on_scheduler is not None:
+        on_scheduler(scheduler)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

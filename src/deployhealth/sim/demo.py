@@ -2,16 +2,29 @@
 
 Everything is real: the access URL is an HTTP server, the database a PostgreSQL reached
 through a TCP proxy that can add latency. Faults are switched on the simulation's
-`/_sim/faults` endpoint, and `/readyz` follows within one check interval.
+`/_sim/faults` endpoint.
+
+A switch waits for the check round in flight, if any, and a fresh round starts as soon as
+it is made (`link_faults_to_rounds`). Without that, a round that started before the switch
+(and so read the deployment without the fault) ended after it, and its `round:` line and
+`/readyz` said "ok" as if they were the round after: with a slow round in flight (a
+silent STUN server holds the derp family for its tries), that was one switch in two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from deployhealth.settings import Secret, Settings, StoreLocation
+
+if TYPE_CHECKING:
+    from deployhealth.scheduler import Scheduler
+    from deployhealth.sim.deployment import SimulatedDeployment
 
 # Added to each packet in each direction when the database is "slow": a round trip then
 # takes over 2 x 20 ms, well above the default 15 ms threshold.
@@ -29,7 +42,8 @@ Try:
   curl {{api}}/api/v2/debug/health
   open {{api}}/health in a browser
 
-Break it (checks run every {interval:g} s; /readyz follows within one round):
+Break it (checks run every {interval:g} s; a switch waits for the round in flight, prints
+"fault: ...", and starts a new round: the "round:" line after it and /readyz show it):
   curl -X POST '{sim}/_sim/faults?healthz=502'        # load balancer cannot reach Coder
   curl -X POST '{sim}/_sim/faults?healthz=wrong-body' # DNS points at something else
   curl -X POST '{sim}/_sim/faults?healthz=hang'       # server accepts, never answers
@@ -48,6 +62,29 @@ Break it (checks run every {interval:g} s; /readyz follows within one round):
 
 Ctrl-C stops everything.
 """
+
+
+def link_faults_to_rounds(
+    sim: SimulatedDeployment, scheduler: Scheduler, out: TextIO | None = None
+) -> None:
+    """Make every fault switch land between two rounds, and start the next round at once.
+
+    A round reads the deployment in its first milliseconds and ends with its slowest
+    family; a switch made in between reaches only the next round. Waiting for the round in
+    flight makes the first round to end after the switch the first to see it. With `out`,
+    a `fault: name=mode` line is written there once the switch is made, before that round
+    starts: on the demo's terminal, the `round:` line after it is the one that sees it.
+    """
+
+    @contextlib.contextmanager
+    def guard(changes: dict[str, str]) -> Iterator[None]:
+        with scheduler.between_rounds():
+            yield
+            if out is not None:
+                shown = " ".join(f"{name}={mode}" for name, mode in changes.items())
+                print(f"fault: {shown}", file=out, flush=True)
+
+    sim.switch_guard = guard
 
 
 def run_demo(port: int, interval: float) -> int:
@@ -92,7 +129,10 @@ def run_demo(port: int, interval: float) -> int:
         sim=sim.url, pg_port=postgres.port, proxy_port=proxy.port, interval=interval
     )
     try:
-        return serve(settings, "127.0.0.1", port, banner=banner)
+        return serve(
+            settings, "127.0.0.1", port, banner=banner,
+            on_scheduler=lambda scheduler: link_faults_to_rounds(sim, scheduler, sys.stderr),
+        )
     finally:
         sim.close()
         proxy.close()

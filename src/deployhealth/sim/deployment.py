@@ -8,6 +8,12 @@ break it for real:
     curl -X POST 'http://127.0.0.1:PORT/_sim/faults?database=down'
     curl -X POST 'http://127.0.0.1:PORT/_sim/faults?reset'
 
+A switch takes effect at once, even while a check round is in flight, and that round then
+reports what it read before the switch. The demo sets `switch_guard` to its scheduler's
+`between_rounds` (and a `fault:` line on its terminal), so that a switch waits for the
+round in flight and the next round starts right after it: the first round to end after
+the POST is the first to see the fault.
+
 Surfaces plug in: a module adds its routes with `sim.route(path, handler)` and its switches
 with `sim.fault(name, modes, on_change)`. `sim/network.py` (WebSocket, DERP, STUN) and
 `sim/inventory.py` (Coder API, proxies, provisioners, replicas) register theirs here.
@@ -15,8 +21,10 @@ with `sim.fault(name, modes, on_change)`. `sim/network.py` (WebSocket, DERP, STU
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +55,11 @@ class SimulatedDeployment(Service):
     on_database: Callable[[str], None] | None = None
     # The session token the sim's authenticated Coder routes expect (Coder-Session-Token).
     token: str = "sim-token"
+    # Called with the changes and entered around every fault switch (see the module
+    # docstring); None switches at once.
+    switch_guard: Callable[[dict[str, str]], contextlib.AbstractContextManager[None]] | None = (
+        None
+    )
     _routes: dict[tuple[str, str], RouteHandler] = field(default_factory=dict)
     _faults: dict[str, Fault] = field(default_factory=dict)
     _modes: dict[str, str] = field(default_factory=dict)
@@ -54,6 +67,9 @@ class SimulatedDeployment(Service):
     _release: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closers: list[Callable[[], None]] = field(default_factory=list)
+    # Answered requests per path, for tests that wait on "the check has read X".
+    _served: Counter[str] = field(default_factory=Counter)
+    _served_changed: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
         from deployhealth.sim import inventory, network
@@ -82,6 +98,20 @@ class SimulatedDeployment(Service):
 
     def mode(self, name: str) -> str:
         return self._modes[name]
+
+    def served(self, path: str) -> int:
+        """How many requests to `path` the sim has answered (handler returned)."""
+        with self._served_changed:
+            return self._served[path]
+
+    def wait_for_served(self, path: str, count: int, timeout: float = 30.0) -> bool:
+        with self._served_changed:
+            return self._served_changed.wait_for(lambda: self._served[path] >= count, timeout)
+
+    def _count_served(self, path: str) -> None:
+        with self._served_changed:
+            self._served[path] += 1
+            self._served_changed.notify_all()
 
     @property
     def released(self) -> threading.Event:
@@ -130,7 +160,14 @@ class SimulatedDeployment(Service):
                 raise ValueError(
                     f"fault {name} has no mode {mode!r}; modes: {', '.join(fault.modes)}"
                 )
-        with self._lock:
+        if "hang" not in {**self._modes, **changes}.values():
+            # Requests hanging in a round in flight go first: the guard waits for that round.
+            self._release.set()
+        guard = (
+            contextlib.nullcontext() if self.switch_guard is None
+            else self.switch_guard(dict(changes))
+        )
+        with guard, self._lock:
             for name, mode in changes.items():
                 self._modes[name] = mode
                 callback = self._faults[name].on_change
@@ -184,7 +221,10 @@ class SimRequest(BaseHTTPRequestHandler):
         if handler is None:
             self.send_json(404, {"message": "Route not found.", "detail": path})
             return
-        handler(self, self.sim)
+        try:
+            handler(self, self.sim)
+        finally:
+            self.sim._count_served(path)
 
     def _faults(self, method: str) -> None:
         if method == "POST":
