@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from support.coder_schema import check_report
 
 from deployhealth.model import (
     CODER_SECTION_NAMES,
@@ -218,7 +219,8 @@ def test_report_rolls_up_worst_severity() -> None:
     )
     assert report.severity is Severity.WARNING
     assert report.healthy is True  # a database warning does not fail
-    assert Report("prod", {}, time=CHECKED).severity is Severity.OK
+    # Nothing checked is never ok: every missing section of Coder's is an ENOTCHECKED warning.
+    assert Report("prod", {}, time=CHECKED).severity is Severity.WARNING
     assert Report("prod", {}, time=CHECKED).healthy is True
 
 
@@ -257,15 +259,43 @@ def test_report_to_dict_shape() -> None:
         "time",
         "healthy",
         "severity",
-        "access_url",
-        "derp",
-        "entitlements",
+        *SECTION_NAMES,
         "coder_version",
         "deployment",
     ]
     assert out["time"] == "2024-05-01T12:00:00.123456Z"
     assert out["deployment"] == "prod"
-    assert "coder_version" not in Report("prod", {}, time=CHECKED).to_dict()
+    assert out["coder_version"] == "v2.14.0"
+    # Required in Coder's type: "" when buildinfo could not be read, never missing.
+    assert Report("prod", {}, time=CHECKED).to_dict()["coder_version"] == ""
+    check_report(out)
+
+
+def test_sections_without_a_result_are_enotchecked_at_coders_zero_values() -> None:
+    report = Report("prod", {"database": at(Severity.OK)}, time=CHECKED)
+    out = check_report(report.to_dict())
+    # Coder's six sections are always there; ours (entitlements) only with a result.
+    assert "entitlements" not in out
+    derp = out["derp"]
+    assert derp["severity"] == "warning"
+    assert [w["code"] for w in derp["warnings"]] == ["ENOTCHECKED"]
+    assert "derp" in derp["warnings"][0]["message"]
+    assert derp["regions"] == {} and derp["netcheck_logs"] == []
+    assert "netcheck_err" not in derp and "netcheck" not in derp
+    assert out["provisioner_daemons"]["items"] == []
+    assert "healthy" not in out["provisioner_daemons"]
+    assert out["access_url"]["status_code"] == 0
+    # Counted in the severity; the database, the only section checked, decides `healthy`.
+    assert out["severity"] == "warning"
+    assert out["healthy"] is True
+
+
+def test_a_section_without_coders_keys_gets_their_zero_values() -> None:
+    # E.g. a family abandoned at its deadline, or a result stored by an older version.
+    bare = Section.from_findings([Finding("EUNKNOWN", "timed out", Severity.ERROR)])
+    out = Report("prod", {"websocket": bare}, time=CHECKED).to_dict()
+    assert out["websocket"]["code"] == 0 and out["websocket"]["body"] == ""
+    check_report(out)
 
 
 def test_to_text_is_coders_short_form() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
+from support.coder_schema import check_section
+
 from deployhealth.deadline import Deadline
 from deployhealth.model import Section, Severity
 from deployhealth.runner import DEADLINE_GRACE_SECONDS, run_families, run_probe
@@ -23,6 +25,7 @@ def test_an_exception_becomes_eunknown_with_class_and_message_and_no_secret():
         raise ValueError(f"cannot parse reply from postgresql://u:{password}@db:5432/coder")
 
     section = run_probe("database", explodes, settings, Deadline.after(5))
+    check_section("database", section)
     assert section.severity is Severity.ERROR
     assert section.error is not None
     assert section.error.startswith("EUNKNOWN: ValueError: cannot parse reply")
@@ -39,6 +42,7 @@ def test_a_probe_that_hangs_is_abandoned_shortly_after_its_deadline():
 
     start = time.monotonic()
     section = run_probe("access_url", hangs, Settings(), Deadline.after(0.3))
+    check_section("access_url", section)
     elapsed = time.monotonic() - start
     release.set()
     assert section.error is not None
@@ -64,6 +68,8 @@ def test_families_run_concurrently_and_report_in_family_order():
         Settings(), ["database", "access_url"], on_done=lambda n, _s: finished.append(n)
     )
     assert list(sections) == ["database", "access_url"]
+    for name, section in sections.items():
+        check_section(name, section)
     assert sorted(finished) == ["access_url", "database"]
     assert sections["access_url"].errors[0].code == "EACS01"
     assert sections["database"].errors[0].code == "EDB01"

@@ -8,7 +8,9 @@ into the top level of the JSON, so readers of Coder's report find them where the
 
 from __future__ import annotations
 
+import copy
 import enum
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +57,42 @@ _BY_ANY_SPELLING = {
     **{k.lower(): k for k in SECTION_NAMES},
     **{v.lower(): k for k, v in CODER_SECTION_NAMES.items()},
 }
+
+
+# The six sections of Coder's `HealthcheckReport` (codersdk/healthsdk), each with the keys Coder
+# requires beyond BaseReport's (`severity`, `warnings`, `dismissed`) and `healthy`, at Go's zero
+# values: what Coder's report carries for a section that found nothing. A section without
+# them (a family abandoned at its deadline, a result stored by an older version) gets these.
+CODER_SECTION_KEYS: dict[str, dict[str, Any]] = {
+    "access_url": {"access_url": "", "reachable": False, "status_code": 0, "healthz_response": ""},
+    "database": {"reachable": False, "latency": "", "latency_ms": 0, "threshold_ms": 0},
+    "websocket": {"body": "", "code": 0},
+    # `netcheck` and `netcheck_err` are omitempty in Coder's type: absent, never null.
+    "derp": {"regions": {}, "netcheck_logs": []},
+    "workspace_proxy": {"workspace_proxies": {"regions": []}},
+    "provisioner_daemons": {"items": []},
+}
+# Go's zero values for a uuid.UUID and a time.Time: what Coder's report holds where a source
+# does not know the value (Coder's Go client cannot decode "" or null into either).
+ZERO_UUID = "00000000-0000-0000-0000-000000000000"
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def coder_uuid(text: str) -> str:
+    """`text` when it is a UUID, else Go's zero UUID.
+
+    Coder's report types hold uuid.UUID values, and its Go client cannot decode anything else;
+    an id only a static inventory gives ("eu-1", or none) is shown as the zero UUID.
+    """
+    try:
+        return str(uuid.UUID(text))
+    except (ValueError, AttributeError, TypeError):
+        return ZERO_UUID
+
+
+def coder_section_keys(name: str) -> dict[str, Any]:
+    """A fresh copy of Coder's required keys of section `name` at zero values ({} for ours)."""
+    return copy.deepcopy(CODER_SECTION_KEYS.get(name, {}))
 
 
 class UnknownSectionError(ValueError):
@@ -230,16 +268,34 @@ def section_failing(name: str, section: Section) -> bool:
 
 @dataclass
 class Report:
-    """The whole health report, shaped like Coder's `healthsdk.HealthcheckReport`."""
+    """The whole health report, shaped like Coder's `healthsdk.HealthcheckReport`.
+
+    Coder's type requires all six of its sections and `coder_version`. A section without a
+    result (a `check --section` run, a family that has not reported yet) is shown as an
+    ENOTCHECKED warning at Coder's zero values (`not_checked`), and `coder_version` is ""
+    when buildinfo could not be read. Such a section counts in `severity`; `healthy` judges
+    the sections that have results (a section nobody checked has not failed).
+    """
 
     deployment: str
     sections: dict[str, Section]
     time: datetime = field(default_factory=utcnow)
     coder_version: str | None = None
 
+    def shown_sections(self) -> dict[str, Section]:
+        """The sections as the JSON report shows them: Coder's six always, then ours."""
+        out: dict[str, Section] = {}
+        for name in SECTION_NAMES:
+            section = self.sections.get(name)
+            if section is None and name in CODER_SECTION_KEYS:
+                section = not_checked(name, self.time)
+            if section is not None:
+                out[name] = section
+        return out
+
     @property
     def severity(self) -> Severity:
-        return Severity.worst(s.severity for s in self.sections.values())
+        return Severity.worst(s.severity for s in self.shown_sections().values())
 
     @property
     def healthy(self) -> bool:
@@ -252,11 +308,15 @@ class Report:
             "healthy": self.healthy,
             "severity": self.severity.value,
         }
-        for name in SECTION_NAMES:
-            if name in self.sections:
-                out[name] = self.sections[name].to_dict()
-        if self.coder_version is not None:
-            out["coder_version"] = self.coder_version
+        for name, section in self.shown_sections().items():
+            data = section.to_dict()
+            for key, zero in coder_section_keys(name).items():
+                data.setdefault(key, zero)
+            if name != "provisioner_daemons" and name in CODER_SECTION_KEYS:
+                data.setdefault("healthy", section.severity is not Severity.ERROR)
+            out[name] = data
+        # Required in Coder's type: "" when no family could read the server's buildinfo.
+        out["coder_version"] = self.coder_version or ""
         out["deployment"] = self.deployment
         return out
 
@@ -281,6 +341,24 @@ class Report:
                 healthy = section.severity is not Severity.ERROR
             lines.append(f"{name}: {_go_bool(healthy)}")
         return "\n".join(lines) + "\n"
+
+
+def not_checked(name: str, when: datetime | None = None) -> Section:
+    """The stand-in for a section of Coder's report that has no result: ENOTCHECKED."""
+    message = (
+        f"the {name} section has no result: it was not run (a `check --section` run checks "
+        f"only the named sections) or its family has not reported yet; run it, or check "
+        f"that the {name} family is scheduled and can write its results"
+    )
+    section = Section.from_findings(
+        [Finding("ENOTCHECKED", message, Severity.WARNING)],
+        coder_section_keys(name),
+        healthy=False,
+        healthy_key=name != "provisioner_daemons",
+    )
+    if when is not None:
+        section.checked_at = when
+    return section
 
 
 def _go_bool(value: bool) -> str:

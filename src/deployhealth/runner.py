@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from deployhealth.checks import FAMILIES, Probe, family_hook, get_probe
 from deployhealth.deadline import Deadline
 from deployhealth.metrics import MetricsSink
-from deployhealth.model import Finding, Section, Severity, utcnow
+from deployhealth.model import Finding, Section, Severity, coder_section_keys, utcnow
 from deployhealth.redact import Redactor
 from deployhealth.settings import Settings
 from deployhealth.store import ResultStore, StoreUnavailable
@@ -58,21 +58,27 @@ def run_probe(family: str, probe: Probe, settings: Settings, deadline: Deadline)
     worker.start()
     if not done.wait(deadline.remaining() + DEADLINE_GRACE_SECONDS):
         budget = deadline.at - start
-        section = _unknown(f"the check did not finish within its {budget:.1f} s deadline")
+        section = _unknown(family, f"the check did not finish within its {budget:.1f} s deadline")
     else:
         result = outcome[0]
         if isinstance(result, Section):
             section = result
         else:
             message = redactor.scrub(f"{type(result).__name__}: {result}")
-            section = _unknown(message)
+            section = _unknown(family, message)
     section.checked_at = started_at
     section.duration_ms = (time.monotonic() - start) * 1000.0
     return section
 
 
-def _unknown(message: str) -> Section:
-    return Section.from_findings([Finding("EUNKNOWN", message, Severity.ERROR)])
+def _unknown(family: str, message: str) -> Section:
+    # With the keys Coder's report requires of the section, at Go's zero values, so that the
+    # report keeps Coder's shape whatever happened to the probe.
+    return Section.from_findings(
+        [Finding("EUNKNOWN", message, Severity.ERROR)],
+        coder_section_keys(family),
+        healthy_key=family != "provisioner_daemons",
+    )
 
 
 def run_families(
