@@ -21,11 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.coder_schema import check_section
 from support.peers import require_program, running_nginx
 
 from deployhealth import readiness
 from deployhealth.api.app import render_page
-from deployhealth.checks.derp import go_duration, probe, section_properties
+from deployhealth.checks.derp import (
+    go_duration,
+    probe,
+    section_properties,
+    server_info_message,
+)
 from deployhealth.deadline import Deadline
 from deployhealth.derpclient import DerpClient, NodeTarget
 from deployhealth.model import Report, Section, Severity
@@ -114,7 +120,7 @@ def stun_node(name: str, region_id: int, server: StunServer | str) -> dict[str, 
 
 
 def run(settings: Settings, seconds: float = 10.0) -> Section:
-    return probe(settings, Deadline.after(seconds))
+    return check_section("derp", probe(settings, Deadline.after(seconds)))
 
 
 def node_report(section: Section, region_id: int, index: int = 0) -> dict[str, Any]:
@@ -136,7 +142,11 @@ def test_healthy_embedded_relay_relays_a_packet_over_raw_derp(sim):
     node = node_report(section, 999)
     assert node["can_exchange_messages"] is True
     assert node["uses_websocket"] is False
-    assert node["node_info"] == {"version": 2}
+    # Tailscale's derp.ServerInfoMessage as Coder reports it, not the server's raw
+    # {"version": 2}: the sim sets no rate limit, so both are 0 ("unspecified").
+    assert node["node_info"] == {"TokenBucketBytesPerSecond": 0, "TokenBucketBytesBurst": 0}
+    # No STUN error, no netcheck_err key (omitempty in Coder's type).
+    assert "netcheck_err" not in report
     assert node["round_trip_ping"].endswith(("s", "ns", "µs", "ms"))
     assert node["round_trip_ping_ms"] < 1000
     assert node["client_errs"] == [[], []]
@@ -144,6 +154,18 @@ def test_healthy_embedded_relay_relays_a_packet_over_raw_derp(sim):
     assert "error" not in node
     # The whole report survives JSON, as the store and the API need.
     assert json.loads(json.dumps(report))["regions"]["999"]["healthy"] is True
+
+
+def test_node_info_is_tailscales_server_info_message():
+    # What a rate-limiting derper sends (its serverInfo JSON), as Coder's node report shows it.
+    sent = {"version": 2, "TokenBucketBytesPerSecond": 125000, "TokenBucketBytesBurst": 500000}
+    assert server_info_message(sent) == {
+        "TokenBucketBytesPerSecond": 125000, "TokenBucketBytesBurst": 500000,
+    }
+    # Go's decoder ignores case; anything not an integer is "unspecified", 0.
+    odd = {"tokenbucketbytespersecond": 7, "TokenBucketBytesBurst": "lots"}
+    assert server_info_message(odd) == {"TokenBucketBytesPerSecond": 7, "TokenBucketBytesBurst": 0}
+    assert server_info_message({}) == {"TokenBucketBytesPerSecond": 0, "TokenBucketBytesBurst": 0}
 
 
 def test_default_map_is_coders_embedded_relay_at_the_access_url_plus_stun_regions(sim):
@@ -558,6 +580,7 @@ def test_map_url_that_never_answers_is_bounded_by_the_deadline():
             "derp", probe, Settings(derp_map=f"http://127.0.0.1:{hole.port}/derpmap.json"),
             Deadline.after(2.0),
         )
+        check_section("derp", section)
         elapsed = time.monotonic() - started
     assert elapsed < 2.0
     assert section.codes == ["EUNKNOWN"] and "took longer than" in section.error
@@ -615,7 +638,7 @@ def test_family_returns_within_its_deadline_against_black_holes(stun_servers):
         }
         settings = Settings(derp_map=derp_map(region(8, node)))
         started = time.monotonic()
-        section = run_probe("derp", probe, settings, Deadline.after(2.5))
+        section = check_section("derp", run_probe("derp", probe, settings, Deadline.after(2.5)))
         elapsed = time.monotonic() - started
         assert hole.accepted >= 2
     assert elapsed < 2.5 + 1.0

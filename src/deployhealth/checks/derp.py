@@ -333,8 +333,48 @@ def _regions(derp_map: dict[str, Any]) -> list[_Region]:
                     f"DERP map region {region_id}: node {node.get('Name', index)!r} has "
                     f"STUNPort {stun_port!r}, not a number"
                 )
-        regions.append(_Region(region_id, raw, sorted(nodes, key=lambda n: str(n.get("Name", "")))))
+        nodes = sorted(nodes, key=lambda n: str(n.get("Name", "")))
+        # The report shows the region as Coder's tailcfg.DERPRegion: its required keys at
+        # Go's zero values when the configured map leaves them out.
+        shown = {**_REGION_ZERO, **raw, "Nodes": [tailcfg_node(n) for n in nodes]}
+        regions.append(_Region(region_id, shown, nodes))
     return sorted(regions, key=lambda r: r.id)
+
+
+# tailcfg.DERPRegion's and tailcfg.DERPNode's keys without omitempty (typesGenerated.ts
+# TailDERPRegion, TailDERPNode), at Go's zero values.
+_REGION_ZERO: dict[str, Any] = {
+    "EmbeddedRelay": False, "RegionID": 0, "RegionCode": "", "RegionName": "",
+}
+_NODE_ZERO: dict[str, Any] = {"Name": "", "RegionID": 0, "HostName": ""}
+
+
+def tailcfg_node(node: dict[str, Any]) -> dict[str, Any]:
+    """A map node as Coder's report shows a tailcfg.DERPNode: its required keys always there."""
+    return {**_NODE_ZERO, **node}
+
+
+def server_info_message(info: dict[str, Any]) -> dict[str, int]:
+    """Tailscale's derp.ServerInfoMessage from the server's ServerInfo JSON.
+
+    The server sends `{"version": 2}` and, when it rate-limits, `TokenBucketBytesPerSecond`
+    and `TokenBucketBytesBurst`; Coder's node report carries only those two, always, 0 when
+    the server does not say (Tailscale: "zero means unspecified"). Go's decoder matches keys
+    without regard to case, so this does too.
+
+    >>> server_info_message({"version": 2, "tokenbucketbytesburst": 4096})
+    {'TokenBucketBytesPerSecond': 0, 'TokenBucketBytesBurst': 4096}
+    """
+    folded = {str(k).lower(): v for k, v in info.items()}
+
+    def number(key: str) -> int:
+        value = folded.get(key.lower())
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return {
+        "TokenBucketBytesPerSecond": number("TokenBucketBytesPerSecond"),
+        "TokenBucketBytesBurst": number("TokenBucketBytesBurst"),
+    }
 
 
 # --- probing -------------------------------------------------------------------------------
@@ -495,8 +535,6 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     except MapError as exc:
         details = {
             "regions": {},
-            "netcheck": None,
-            "netcheck_err": None,
             "netcheck_logs": [],
             "derp_map_source": _source_of(settings.derp_map),
         }
@@ -576,10 +614,12 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     details = {
         "regions": region_reports,
         "netcheck": netcheck,
-        "netcheck_err": stun_failure if stun_targets and stun_run is None else None,
         "netcheck_logs": [*notes, *netcheck_logs],
         "derp_map_source": source,
     }
+    if stun_targets and stun_run is None:
+        # omitempty in Coder's type: the key is there only when there is an error.
+        details["netcheck_err"] = stun_failure or "the STUN probe gave no result"
     # Coder leaves the section's `error` empty and the cause deep in the node reports; here
     # each region at error is one EDERP03 line in `error`, where /readyz and on-call look.
     section = Section.from_findings(findings, details, healthy=healthy)
@@ -696,8 +736,8 @@ def _node_report(
         "healthy": healthy,
         "severity": severity.value,
         "warnings": _messages(warnings),
-        "node": node,
-        "node_info": result.server_info,
+        "node": tailcfg_node(node),
+        "node_info": server_info_message(result.server_info),
         "can_exchange_messages": result.can_exchange,
         "round_trip_ping": go_duration(rtt) if rtt is not None else "",
         "round_trip_ping_ms": int(rtt * 1000) if rtt is not None else 0,
