@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 from deployhealth.sim._service import Service
 
 CODER_VERSION = "v2.18.1+sim"
+DEPLOYMENT_ID = "5f0c3a86-3c4e-4d1b-9a53-0d7f6b2e9c41"
 
 # A route handler gets the request handler (for the socket, headers, writing) and the sim.
 RouteHandler = Callable[["SimRequest", "SimulatedDeployment"], None]
@@ -147,6 +148,10 @@ class SimulatedDeployment(Service):
 
     def faults(self) -> dict[str, str]:
         return dict(self._modes)
+
+    def fault_modes(self) -> dict[str, tuple[str, ...]]:
+        """Every switch and its modes, the healthy default first."""
+        return {name: fault.modes for name, fault in self._faults.items()}
 
     def set_faults(self, changes: dict[str, str]) -> None:
         """Apply `name=mode` switches; raises ValueError naming a bad switch, changing nothing."""
@@ -272,4 +277,18 @@ def _healthz(request: SimRequest, sim: SimulatedDeployment) -> None:
 
 
 def _buildinfo(request: SimRequest, sim: SimulatedDeployment) -> None:
-    request.send_json(200, {"version": CODER_VERSION, "provisioner_api_version": "1.1"})
+    # Every field of codersdk.BuildInfoResponse (typesGenerated.ts BuildInfoResponse).
+    request.send_json(
+        200,
+        {
+            "external_url": "https://github.com/coder/coder/releases/tag/v2.18.1",
+            "version": CODER_VERSION,
+            "dashboard_url": sim.url,
+            "telemetry": False,
+            "workspace_proxy": False,
+            "agent_api_version": "2.3",
+            "provisioner_api_version": "1.1",
+            "upgrade_message": "",
+            "deployment_id": DEPLOYMENT_ID,
+        },
+    )

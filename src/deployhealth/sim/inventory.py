@@ -38,11 +38,15 @@ Fault switches (`POST /_sim/faults?name=mode`, the first mode is the healthy def
                   on an ALB, answers every request to these API routes with its own 403
                   page: a 403 that is not Coder's licence answer)
 
+The answers carry every field of Coder's codersdk types (WorkspaceProxy, ProvisionerDaemon
+with key_name, status and jobs, Replica, Entitlements with every feature, BuildInfoResponse),
+so that parsers meet what a real Coder sends.
+
 `seed_database(sim, execute)` writes the same deployment, in its current modes, into
-`workspace_proxies`, `provisioner_daemons` and `replicas` (created if missing), plus the
-replicas only the database shows (a stopped one, a crashed one, a proxy's), so the
-`database` inventory source reads what the `api` source reads. `FAULT_MODES` lists the
-switches, for a banner.
+`workspace_proxies`, `provisioner_daemons`, `provisioner_keys` and `replicas` (created if
+missing), plus the replicas only the database shows (a stopped one, a crashed one, a
+proxy's), so the `database` inventory source reads what the `api` source reads.
+`FAULT_MODES` lists the switches, for a banner.
 """
 
 from __future__ import annotations
@@ -79,6 +83,14 @@ REPLICA_MODES = ("one", "two-no-ha", "two-ha", "replica-error")
 ENTITLEMENT_MODES = ("ok", "expiring", "silent", "no-features")
 LICENCE_MODES = ("enterprise", "none", "none-old")
 WAF_MODES = ("off", "block")
+# codersdk.FeatureNames (typesGenerated.ts FeatureName).
+FEATURE_NAMES = (
+    "access_control", "advanced_template_scheduling", "appearance", "audit_log",
+    "browser_only", "control_shared_ports", "custom_roles", "external_provisioner_daemons",
+    "external_token_encryption", "high_availability", "multiple_external_auth",
+    "multiple_organizations", "scim", "template_rbac", "user_limit", "user_role_management",
+    "workspace_batch_actions", "workspace_proxy",
+)
 
 # Every switch this module adds, for the demo banner: name -> modes, the default first.
 FAULT_MODES: dict[str, tuple[str, ...]] = {
@@ -404,6 +416,11 @@ class SimInventory:
         out = []
         for n, (org_id, org) in enumerate(_ORGS):
             name = f"provisioner-{org}"
+            # Every field of codersdk.ProvisionerDaemon as the organization route returns it:
+            # the `coder` daemon idles after a build, the `research` one is busy with one.
+            previous = _job(f"{org}/previous", "succeeded", "docker", "Docker")
+            current = _job(f"{org}/current", "running", "kubernetes", "Kubernetes")
+            busy = org == "research"
             daemon = {
                 "id": _id(f"daemon/{org}"),
                 "organization_id": org_id,
@@ -415,6 +432,11 @@ class SimInventory:
                 "api_version": PROVISIONER_API_VERSION,
                 "provisioners": ["echo", "terraform"],
                 "tags": {"scope": "organization", "owner": ""},
+                "key_name": _key_name(org),
+                # Coder's API: offline once last seen more than 90 s ago.
+                "status": "offline" if mode == "stale" else ("busy" if busy else "idle"),
+                "current_job": current if busy and mode != "stale" else None,
+                "previous_job": previous,
             }
             if org == "research":
                 if mode == "old-version":
@@ -453,16 +475,18 @@ class SimInventory:
         warnings = [LICENSE_WARNING] if mode == "expiring" else []
         if mode == "silent":
             errors, warnings = [], []
+        # Coder lists every feature it knows (codersdk.FeatureNames); a licence entitles some.
+        features: dict[str, dict[str, Any]] = {
+            name: {"entitlement": "entitled", "enabled": True} for name in FEATURE_NAMES
+        }
+        features["high_availability"] = {
+            "entitlement": "entitled" if ha else "not_entitled", "enabled": ha,
+        }
+        features["user_limit"] = {
+            "entitlement": "entitled", "enabled": True, "limit": 100, "actual": 12,
+        }
         return {
-            "features": {
-                "high_availability": {
-                    "entitlement": "entitled" if ha else "not_entitled",
-                    "enabled": ha,
-                },
-                "user_limit": {"entitlement": "entitled", "enabled": True, "limit": 100,
-                               "actual": 12},
-                "audit_log": {"entitlement": "entitled", "enabled": True},
-            },
+            "features": features,
             "warnings": warnings,
             "errors": errors,
             "has_license": True,
@@ -496,7 +520,7 @@ class SimInventory:
         daemons = [d for d in self.daemons() if d["organization_id"] in orgs]
         if self.licensed:
             return daemons
-        return [{**d, "key_id": BUILTIN_KEY_ID} for d in daemons]
+        return [{**d, "key_id": BUILTIN_KEY_ID, "key_name": "built-in"} for d in daemons]
 
     def listed_entitlements(self) -> dict[str, Any]:
         """`entitlements()`, or Coder's answer without a licence (license.LicensesEntitlements).
@@ -528,6 +552,21 @@ class SimInventory:
             "trial": False,
             "require_telemetry": False,
         }
+
+
+def _job(key: str, status: str, template: str, display: str) -> dict[str, Any]:
+    """A codersdk.ProvisionerDaemonJob."""
+    return {
+        "id": _id(f"job/{key}"),
+        "status": status,
+        "template_name": template,
+        "template_icon": f"/icon/{template}.svg",
+        "template_display_name": display,
+    }
+
+
+def _key_name(org: str) -> str:
+    return f"{org}-daemons"
 
 
 _STATES: dict[int, SimInventory] = {}
@@ -682,6 +721,10 @@ CREATE TABLE IF NOT EXISTS provisioner_daemons (
     last_seen_at timestamptz, version text NOT NULL, api_version text NOT NULL,
     organization_id uuid NOT NULL, key_id uuid NOT NULL
 );
+CREATE TABLE IF NOT EXISTS provisioner_keys (
+    id uuid PRIMARY KEY, created_at timestamptz NOT NULL, organization_id uuid NOT NULL,
+    name varchar(64) NOT NULL, hashed_secret bytea NOT NULL, tags jsonb NOT NULL
+);
 CREATE TABLE IF NOT EXISTS replicas (
     id uuid PRIMARY KEY, created_at timestamptz NOT NULL, started_at timestamptz NOT NULL,
     stopped_at timestamptz, updated_at timestamptz NOT NULL, hostname text NOT NULL,
@@ -689,6 +732,7 @@ CREATE TABLE IF NOT EXISTS replicas (
     version text NOT NULL, error text NOT NULL, "primary" boolean NOT NULL
 );
 DELETE FROM workspace_proxies; DELETE FROM provisioner_daemons; DELETE FROM replicas;
+DELETE FROM provisioner_keys;
 """
 
 
@@ -729,6 +773,20 @@ def seed_database(sim: SimulatedDeployment, execute: Callable[[str], object]) ->
                     "deleted": proxy["deleted"], "region_id": n,
                     "derp_enabled": proxy["derp_enabled"], "derp_only": proxy["derp_only"],
                     "version": proxy["version"],
+                },
+            )
+        )
+    # Coder's built-in key (the daemons coderd runs itself) and one key per organization.
+    keys = [(BUILTIN_KEY_ID, _ORGS[0][0], "built-in")] + [
+        (_id(f"key/{org}"), org_id, _key_name(org)) for org_id, org in state.organizations()
+    ]
+    for key_id, org_id, name in keys:
+        statements.append(
+            _insert(
+                "provisioner_keys",
+                {
+                    "id": key_id, "created_at": _time(_BASE_TIME), "organization_id": org_id,
+                    "name": name, "hashed_secret": "\\x00", "tags": {},
                 },
             )
         )
