@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from support.coder_schema import check_section
 from support.deployment import api_settings, set_faults
 
 from deployhealth.checks.provisioner_daemons import probe, section_properties
@@ -22,7 +23,7 @@ from deployhealth.sim.tcp import free_port
 
 
 def run(settings: Settings) -> Section:
-    return probe(settings, Deadline.after(10.0))
+    return check_section("provisioner_daemons", probe(settings, Deadline.after(10.0)))
 
 
 def names(section: Section) -> list[str]:
@@ -50,10 +51,15 @@ def test_fresh_daemons_on_the_servers_version(sim: SimulatedDeployment) -> None:
     assert names(section) == ["provisioner-coder", "provisioner-research"]
     item = data["items"][0]
     assert item["warnings"] == []
+    # Every field of Coder's codersdk.ProvisionerDaemon, as its API gave them.
     assert set(item["provisioner_daemon"]) == {
         "id", "organization_id", "key_id", "created_at", "last_seen_at", "name", "version",
-        "api_version", "provisioners", "tags",
+        "api_version", "provisioners", "tags", "key_name", "status", "current_job",
+        "previous_job",
     }
+    assert item["provisioner_daemon"]["key_name"] == "coder-daemons"
+    assert item["provisioner_daemon"]["status"] == "idle"
+    assert item["provisioner_daemon"]["previous_job"]["status"] == "succeeded"
     assert item["provisioner_daemon"]["version"] == CODER_VERSION
     assert item["provisioner_daemon"]["provisioners"] == ["echo", "terraform"]
     json.dumps(data)

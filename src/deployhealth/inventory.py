@@ -49,7 +49,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from deployhealth.deadline import Deadline, DeadlineExceeded
-from deployhealth.model import parse_rfc3339, rfc3339, utcnow
+from deployhealth.model import ZERO_TIME, coder_uuid, parse_rfc3339, rfc3339, utcnow
 from deployhealth.netguard import GuardedSession, GuardError, read_capped
 from deployhealth.redact import Redactor
 from deployhealth.settings import Settings, SettingsError
@@ -138,7 +138,31 @@ class Proxy:
 
 
 @dataclass(frozen=True)
+class DaemonJob:
+    """codersdk.ProvisionerDaemonJob: a daemon's current or previous job."""
+
+    id: str
+    status: str
+    template_name: str = ""
+    template_icon: str = ""
+    template_display_name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": coder_uuid(self.id),
+            "status": self.status,
+            "template_name": self.template_name,
+            "template_icon": self.template_icon,
+            "template_display_name": self.template_display_name,
+        }
+
+
+@dataclass(frozen=True)
 class ProvisionerDaemon:
+    """codersdk.ProvisionerDaemon. `key_name`, `status`, `current_job` and `previous_job` are
+    None where the source does not say (the database source knows only `key_name`, from
+    `provisioner_keys`), as they are null in Coder's own health report."""
+
     id: str
     name: str
     organization_id: str = ""
@@ -149,20 +173,33 @@ class ProvisionerDaemon:
     api_version: str = ""
     provisioners: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
+    key_name: str | None = None
+    status: str | None = None
+    current_job: DaemonJob | None = None
+    previous_job: DaemonJob | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields Coder's provisioner daemon report carries, in its JSON spelling."""
+        """Coder's JSON of the daemon: every key, Go's zero value where the source is silent.
+
+        A UUID or time nobody knows is Go's zero (the all-zero UUID, 0001-01-01T00:00:00Z):
+        Coder's Go client cannot decode "", null or a non-UUID id (a static list's) there.
+        `last_seen_at` is null when never seen, as Coder's NullTime writes it.
+        """
         return {
-            "id": self.id,
-            "organization_id": self.organization_id,
-            "key_id": self.key_id,
-            "created_at": _time(self.created_at),
+            "id": coder_uuid(self.id),
+            "organization_id": coder_uuid(self.organization_id),
+            "key_id": coder_uuid(self.key_id),
+            "created_at": _time(self.created_at) or ZERO_TIME,
             "last_seen_at": _time(self.last_seen_at),
             "name": self.name,
             "version": self.version,
             "api_version": self.api_version,
             "provisioners": list(self.provisioners),
             "tags": dict(self.tags),
+            "key_name": self.key_name,
+            "status": self.status,
+            "current_job": None if self.current_job is None else self.current_job.to_dict(),
+            "previous_job": None if self.previous_job is None else self.previous_job.to_dict(),
         }
 
 
@@ -278,6 +315,10 @@ def daemon_from_api(item: Any) -> ProvisionerDaemon:
     provisioners = data.get("provisioners") or []
     if not isinstance(tags, Mapping) or not isinstance(provisioners, list):
         raise InventoryError(f"{what} has tags or provisioners of the wrong shape")
+    key_name = data.get("key_name")
+    status = data.get("status")
+    if not isinstance(key_name, str | None) or not isinstance(status, str | None):
+        raise InventoryError(f"{what} has a key_name or status that is not text")
     return ProvisionerDaemon(
         id=_text(data, "id"),
         name=name,
@@ -289,6 +330,23 @@ def daemon_from_api(item: Any) -> ProvisionerDaemon:
         api_version=_text(data, "api_version"),
         provisioners=tuple(str(p) for p in provisioners),
         tags={str(k): str(v) for k, v in tags.items()},
+        key_name=key_name,
+        status=status,
+        current_job=_daemon_job(data.get("current_job"), f"{what} current_job"),
+        previous_job=_daemon_job(data.get("previous_job"), f"{what} previous_job"),
+    )
+
+
+def _daemon_job(item: Any, what: str) -> DaemonJob | None:
+    if item is None:
+        return None
+    data = _object(item, what)
+    return DaemonJob(
+        id=_text(data, "id"),
+        status=_text(data, "status"),
+        template_name=_text(data, "template_name"),
+        template_icon=_text(data, "template_icon"),
+        template_display_name=_text(data, "template_display_name"),
     )
 
 
@@ -501,8 +559,19 @@ FROM workspace_proxies WHERE NOT deleted
 """
 _DAEMONS_SQL = """
 SELECT id::text, name, organization_id::text, key_id::text, created_at, last_seen_at,
-       version, api_version, provisioners::text[], tags
+       version, api_version, provisioners::text[], tags, NULL::text
 FROM provisioner_daemons
+"""
+# Coder >= 2.14 names each daemon's key in provisioner_keys (its API joins the two for
+# `key_name`); older schemas have no such table.
+_HAS_KEYS_SQL = """
+SELECT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_name = 'provisioner_keys'
+               AND table_schema = ANY (current_schemas(false)))
+"""
+_DAEMONS_WITH_KEYS_SQL = """
+SELECT d.id::text, d.name, d.organization_id::text, d.key_id::text, d.created_at,
+       d.last_seen_at, d.version, d.api_version, d.provisioners::text[], d.tags, k.name
+FROM provisioner_daemons AS d LEFT JOIN provisioner_keys AS k ON k.id = d.key_id
 """
 _REPLICAS_SQL = """
 SELECT id::text, hostname, created_at, relay_address, region_id, error, database_latency,
@@ -580,14 +649,19 @@ class DatabaseInventory:
         return [p for p in proxies if _keep_proxy(p)]
 
     def provisioner_daemons(self, deadline: Deadline) -> list[ProvisionerDaemon]:
+        # status and the jobs stay None: computing them needs Coder's job tables, and
+        # Coder's own health report leaves them null too.
+        has_keys = bool(self._run(_HAS_KEYS_SQL, deadline)[0][0])
+        sql = _DAEMONS_WITH_KEYS_SQL if has_keys else _DAEMONS_SQL
         return [
             ProvisionerDaemon(
                 id=r[0], name=r[1], organization_id=r[2] or "", key_id=r[3] or "",
                 created_at=r[4], last_seen_at=r[5], version=r[6] or "",
                 api_version=r[7] or "", provisioners=tuple(r[8] or ()),
                 tags={str(k): str(v) for k, v in _json_object(r[9]).items()},
+                key_name=r[10],
             )
-            for r in self._run(_DAEMONS_SQL, deadline)
+            for r in self._run(sql, deadline)
         ]
 
     def replicas(self, deadline: Deadline) -> list[Replica]:

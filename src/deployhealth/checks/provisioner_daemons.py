@@ -142,7 +142,7 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     daemons = read.daemons
 
     findings: list[Finding] = []
-    server, server_api = _server_versions(settings, deadline, findings)
+    server, server_api, coder_version = _server_versions(settings, deadline, findings)
     now = utcnow()
     active = sorted(
         (d for d in daemons if d.last_seen_at and now - d.last_seen_at <= ACTIVE_WINDOW),
@@ -160,7 +160,8 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
         )
     if not active:
         findings.insert(0, Finding("EPD01", _none_active(daemons), Severity.ERROR))
-    details: dict[str, Any] = {"items": items}
+    # `coder_version` is the report's (HealthcheckReport.coder_version), taken from here.
+    details: dict[str, Any] = {"items": items, "coder_version": coder_version}
     if read.note is not None:
         details["note"] = read.note
     return Section.from_findings(findings, details, healthy_key=False)
@@ -168,8 +169,9 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
 
 def _server_versions(
     settings: Settings, deadline: Deadline, findings: list[Finding]
-) -> tuple[_Version | None, int | None]:
-    """The server's version and API major, each None (with an EUNKNOWN) when unknown."""
+) -> tuple[_Version | None, int | None, str]:
+    """The server's version and API major, each None (with an EUNKNOWN) when unknown, and
+    the version text buildinfo gave ("" when it could not be read)."""
     api = CoderAPI(settings.access_url, None)
     try:
         info = api.buildinfo(deadline)
@@ -181,7 +183,7 @@ def _server_versions(
                 Severity.ERROR,
             )
         )
-        return None, None
+        return None, None, ""
     finally:
         api.close()
     server: _Version | None = None
@@ -210,7 +212,7 @@ def _server_versions(
                 Severity.ERROR,
             )
         )
-    return server, server_api
+    return server, server_api, version
 
 
 def _judge(

@@ -52,7 +52,15 @@ from deployhealth.inventory import (
     coder_error_text,
     open_inventory,
 )
-from deployhealth.model import Finding, Section, Severity, rfc3339, utcnow
+from deployhealth.model import (
+    ZERO_TIME,
+    Finding,
+    Section,
+    Severity,
+    coder_uuid,
+    rfc3339,
+    utcnow,
+)
 from deployhealth.net import IPNetwork, PhaseError, networks, tls_context
 from deployhealth.netguard import BlockedAddressError, Fetched, FetchError, GuardError, fetch
 from deployhealth.settings import Settings
@@ -288,8 +296,10 @@ def _parse_report(body: bytes) -> tuple[list[str], list[str]] | None:
 
 
 def _region(proxy: Proxy, outcome: _Outcome) -> dict[str, Any]:
+    # codersdk.WorkspaceProxy; an id or time the source does not give (a static list) is Go's
+    # zero value, which Coder's Go client can decode ("", null or "eu-1" it cannot).
     return {
-        "id": proxy.id,
+        "id": coder_uuid(proxy.id),
         "name": proxy.name,
         "display_name": proxy.display_name,
         "icon_url": proxy.icon_url,
@@ -303,8 +313,8 @@ def _region(proxy: Proxy, outcome: _Outcome) -> dict[str, Any]:
             "report": {"errors": list(outcome.errors), "warnings": list(outcome.warnings)},
             "checked_at": rfc3339(outcome.checked_at),
         },
-        "created_at": None if proxy.created_at is None else rfc3339(proxy.created_at),
-        "updated_at": None if proxy.updated_at is None else rfc3339(proxy.updated_at),
+        "created_at": ZERO_TIME if proxy.created_at is None else rfc3339(proxy.created_at),
+        "updated_at": ZERO_TIME if proxy.updated_at is None else rfc3339(proxy.updated_at),
         "deleted": proxy.deleted,
         "version": proxy.version,
     }
