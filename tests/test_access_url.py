@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from support.coder_schema import check_section
 from support.tls import CertAuthority, Issued
 
 from deployhealth.checks.access_url import probe
@@ -106,7 +107,7 @@ def reply(status: int, body: bytes = b"OK", headers: dict[str, str] | None = Non
 
 def run(url: str | None, deadline_seconds: float = 10.0, **overrides: object) -> Section:
     settings = Settings(access_url=url).with_overrides(**overrides)
-    return probe(settings, Deadline.after(deadline_seconds))
+    return check_section("access_url", probe(settings, Deadline.after(deadline_seconds)))
 
 
 def codes(section: Section) -> list[str]:

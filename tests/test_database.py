@@ -7,6 +7,7 @@ import time
 from urllib.parse import quote
 
 import pytest
+from support.coder_schema import check_section
 
 from deployhealth.checks.database import probe
 from deployhealth.deadline import Deadline
@@ -36,7 +37,7 @@ def run(database_url: str | None, deadline_seconds: float = 10.0, **overrides: o
     settings = Settings(
         database_url=Secret(database_url) if database_url is not None else None
     ).with_overrides(**overrides)
-    return probe(settings, Deadline.after(deadline_seconds))
+    return check_section("database", probe(settings, Deadline.after(deadline_seconds)))
 
 
 def only_error(section: Section) -> str:

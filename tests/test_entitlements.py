@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from support.coder_schema import check_section
 from support.deployment import api_settings, set_faults
 
 from deployhealth.checks.entitlements import probe
@@ -18,7 +19,7 @@ from deployhealth.sim.tcp import free_port
 
 
 def run(settings: Settings) -> Section:
-    return probe(settings, Deadline.after(10.0))
+    return check_section("entitlements", probe(settings, Deadline.after(10.0)))
 
 
 def hosts(section: Section) -> list[str]:

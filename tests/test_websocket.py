@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.coder_schema import check_section
 from support.peers import running_nginx
 from support.tls import CertAuthority
 
@@ -60,7 +61,7 @@ def run(
         coder_token=Secret(token) if token is not None else None,
         websocket_idle_seconds=idle,
     )
-    return probe(settings, Deadline.after(deadline))
+    return check_section("websocket", probe(settings, Deadline.after(deadline)))
 
 
 def codes(section: Section) -> list[str]:

@@ -16,6 +16,7 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from support.coder_schema import check_section
 from support.deployment import api_settings, set_faults
 
 from deployhealth.checks.workspace_proxy import probe
@@ -39,7 +40,9 @@ def static_settings(*proxies: tuple[str, str], **overrides: Any) -> Settings:
 
 
 def run(settings: Settings, deadline_seconds: float = 10.0) -> Section:
-    return probe(settings, Deadline.after(deadline_seconds))
+    return check_section(
+        "workspace_proxy", probe(settings, Deadline.after(deadline_seconds))
+    )
 
 
 def regions(section: Section) -> dict[str, dict[str, Any]]:
