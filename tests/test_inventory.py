@@ -199,7 +199,12 @@ def test_database_of_an_unlicensed_deployment_matches_its_api(
     api = open_inventory(api_settings(sim))
     try:
         assert database.proxies(soon()) == []  # no proxy can be created without the licence
-        assert database.provisioner_daemons(soon()) == api.provisioner_daemons(soon())
+        # The API adds status and jobs, which the database source leaves null (see below).
+        from_api = [
+            replace(d, status=None, current_job=None, previous_job=None)
+            for d in api.provisioner_daemons(soon())
+        ]
+        assert database.provisioner_daemons(soon()) == from_api
     finally:
         database.close()
         api.close()

@@ -137,8 +137,11 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     read = _read(settings, deadline)
     if read.daemons is None:
         assert read.unread is not None
-        # Nothing to compare versions with, and no verdict on how many are active.
-        return Section.from_findings([read.unread], {"items": []}, healthy_key=False)
+        # Nothing to compare versions with, and no verdict on how many are active; the
+        # server's version is still the report's coder_version (its findings do not count).
+        _, _, coder_version = _server_versions(settings, deadline, [])
+        details = {"items": [], "coder_version": coder_version}
+        return Section.from_findings([read.unread], details, healthy_key=False)
     daemons = read.daemons
 
     findings: list[Finding] = []
