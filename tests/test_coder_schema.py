@@ -144,3 +144,11 @@ def test_codes_must_sit_where_their_severity_allows(valid_report: dict[str, Any]
     assert any("not in deployhealth.codes.CODES" in p for p in code_errors("database", database))
     database["error"] = "EDERP01: wrong section"
     assert any("belongs to section derp" in p for p in code_errors("database", database))
+
+
+def test_a_section_at_error_must_say_why(valid_report: dict[str, Any]) -> None:
+    derp = copy.deepcopy(valid_report["derp"])
+    # What a failing relay used to look like: severity error, the cause only in the nodes.
+    derp["severity"] = "error"
+    derp.pop("error", None)
+    assert "derp is at error but its `error` names no code" in code_errors("derp", derp)

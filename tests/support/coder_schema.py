@@ -6,7 +6,8 @@ there with Coder's type; keys Coder does not define are deployhealth's documente
 
 On top of the schema, every code a section carries must be in `deployhealth.codes.CODES`,
 belong to that section (or "any"), and sit where its severity allows: a code in `warnings`
-has severity warning or ok; a code in `error` has severity error or an `error_when`.
+has severity warning or ok; a code in `error` has severity error or an `error_when`; and a
+section at error has an `error` (readiness fails it, so something must say why).
 
     report = check_report(response.json())        # raises AssertionError, listing problems
     check_section("derp", probe(settings, deadline))
@@ -103,6 +104,9 @@ def code_errors(name: str, data: Mapping[str, Any]) -> list[str]:
                 "entry needs a code of severity warning or ok"
             )
     error = data.get("error")
+    if data.get("severity") == Severity.ERROR.value and not isinstance(error, str):
+        # Readiness fails this section: /readyz and on-call must see a code saying why.
+        problems.append(f"{name} is at error but its `error` names no code")
     if isinstance(error, str):
         codes = [m[1] for line in error.splitlines() if (m := _ERROR_CODE.match(line))]
         if not codes:
