@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -199,6 +200,12 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: App) -> None:
         self.app = app
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up (curl ^C, a load balancer's probe timing out) is not an
+        # error of the server's: no traceback on the terminal for it.
+        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
 
 class LocalApiServer:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -45,6 +46,14 @@ class Fault:
     name: str
     modes: tuple[str, ...]  # the first is the healthy default
     on_change: Callable[[str], None] | None = None
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that hang up (a probe's timeout, a reset keep-alive connection) are what a
+        # deployment sees all day; only anything else is worth a traceback on the terminal.
+        if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
 
 @dataclass
@@ -127,7 +136,7 @@ class SimulatedDeployment(Service):
         return f"http://{self.host}:{self._server.server_address[1]}"
 
     def start(self) -> Self:
-        self._server = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
+        self._server = _QuietServer((self.host, self.port), _handler_for(self))
         self._server.daemon_threads = True
         threading.Thread(
             target=self._server.serve_forever, name="sim-deployment", daemon=True
