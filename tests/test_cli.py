@@ -207,6 +207,35 @@ def test_codes_lists_and_explains(tmp_path):
     assert unknown.returncode == 2 and "unknown code" in unknown.stderr
 
 
+def test_codes_states_the_severity_docs_and_readiness_use(tmp_path):
+    from deployhealth.codes import CODES
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "codes.md").read_text()
+    listing = run(["codes"], clean_env(), tmp_path).stdout.splitlines()
+    for code in CODES.values():
+        row = next(line for line in listing if line.split()[0] == code.code)
+        assert row.split()[2] == code.severity.value, row
+        explained = run(["codes", code.code], clean_env(), tmp_path).stdout
+        assert f"({code.section}, {code.severity_text})" in explained
+        assert f"- Severity: {code.severity_text}\n" in docs
+    escalating = [c.code for c in CODES.values() if c.error_when]
+    assert escalating == ["EACS06", "EWP04"]
+
+
+def test_codes_into_a_closed_pipe_is_not_a_traceback(tmp_path):
+    # A pipe whose reader is already gone, as `| head -1` leaves it: every write fails.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [COMMAND, "codes"], stdout=write_end, stderr=subprocess.PIPE,
+            env=clean_env(), cwd=tmp_path, timeout=30, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+
+
 class ServeProcess:
     """`deployhealth serve` (or `demo`) in the background; its stderr lines are events."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -43,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_SETTINGS
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `deployhealth codes | head`: the reader has gone, which is not an error. Point
+        # stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -283,7 +289,8 @@ def _codes(args: argparse.Namespace) -> int:
         print(f"  Docs: {code.anchor}")
         return 0
     for code in code_docs.CODES.values():
-        print(f"{code.code:<12} {code.section:<20} {code.severity_text:<8} {code.title}")
+        when = f" (error when {code.error_when})" if code.error_when else ""
+        print(f"{code.code:<12} {code.section:<20} {code.severity.value:<8} {code.title}{when}")
     return 0
 
 

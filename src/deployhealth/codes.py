@@ -169,7 +169,7 @@ _INVENTORY = [
         "EWP04", "workspace_proxy", Severity.WARNING,
         "A workspace proxy reported an error or warning, or could not be reached.",
         "The message names the proxy and what it said; try its /healthz-report by hand.",
-        error_when="no workspace proxy is ok (the section is at error)",
+        error_when="no workspace proxy is ok",
     ),
     Code(
         "EPD01", "provisioner_daemons", Severity.ERROR,
