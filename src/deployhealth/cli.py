@@ -217,9 +217,16 @@ def serve(
     from deployhealth.api.local import LocalApiServer
     from deployhealth.metrics import MetricsSink
     from deployhealth.scheduler import Scheduler
-    from deployhealth.store import open_store
+    from deployhealth.store import StoreUnavailable, open_store_lazily
 
-    store = open_store(settings.store, settings.name, settings.history_retention_days)
+    # Opened on first use and retried until it opens: a store that cannot be opened now
+    # (a garbage file, no permission) stops neither the server nor the scheduler; /readyz
+    # says 503 naming it until the first round or request after the repair opens it.
+    store = open_store_lazily(settings.store, settings.name, settings.history_retention_days)
+    try:
+        store.open()
+    except StoreUnavailable as exc:
+        print(f"store: {exc}; serving anyway, retrying every round", file=sys.stderr)
     # Metric records are for CloudWatch Logs; a local terminal has no use for them.
     metrics = MetricsSink(settings.metrics_namespace, settings.name, None)
     context = ApiContext(settings=settings, store=store, metrics=metrics)

@@ -122,6 +122,13 @@ class Finding:
         return f"{self.code}: {self.message}"
 
 
+# How far ahead of this machine's clock a result may be dated and still count as "now": clocks
+# of the writer and the reader drift apart by seconds, never by minutes. A result dated further
+# ahead (a clock that ran fast, then was corrected) is not believed: readiness fails it, and
+# the store lets any later put replace it as latest (docs/design.md, "Result store").
+FUTURE_TOLERANCE_SECONDS = 60.0
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

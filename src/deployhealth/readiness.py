@@ -5,6 +5,8 @@ CLI and tests share one rule set:
 
 - a gating section passes when its latest result is fresh and not failing;
 - no result yet, or a stale one, fails: unknown is not ready;
+- so does a result dated more than `FUTURE_TOLERANCE_SECONDS` ahead of now: a clock that ran
+  fast must not make an old result look fresh for as long as it ran ahead;
 - dismissed sections are not gating; excluded ones are listed but not judged;
 - optional hysteresis: fail after N consecutive failing results, recover after M passing.
 
@@ -15,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from deployhealth.model import Section, section_failing, utcnow
+from deployhealth.model import FUTURE_TOLERANCE_SECONDS, Section, section_failing, utcnow
 from deployhealth.settings import Settings
 
 # How many past results are replayed when hysteresis is on.
@@ -111,6 +113,13 @@ def _judge(
     if section is None:
         return CheckStatus(name, "failed", "no result yet")
     age = (now - section.checked_at).total_seconds()
+    if -age > FUTURE_TOLERANCE_SECONDS:
+        return CheckStatus(
+            name,
+            "failed",
+            f"dated in the future: last result {-age:.0f} s ahead of this clock "
+            f"(tolerance {FUTURE_TOLERANCE_SECONDS:.0f} s)",
+        )
     if age > settings.stale_after:
         return CheckStatus(
             name,
@@ -120,7 +129,9 @@ def _judge(
     failing = section_failing(name, section)
     hysteresis = settings.ready_fail_after > 1 or settings.ready_recover_after > 1
     if hysteresis and history is not None:
-        past = history(name)
+        # Results dated in the future are not replayed: they would count as the newest.
+        horizon = now + timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+        past = [s for s in history(name) if s.checked_at <= horizon]
         failing = _replay(
             name, past or [section], settings.ready_fail_after, settings.ready_recover_after
         )

@@ -672,6 +672,10 @@ def build_router(ctx: ApiContext) -> Router:
             store = ctx.store()
             # One read: latest sections and dismissed settings come together.
             snapshot = ctx.readiness_snapshot(store)
+            if snapshot.problem:
+                # Results that can be read but no longer written: name the store's fault
+                # rather than let each section go stale one by one.
+                raise StoreUnavailable(store.description, snapshot.problem)
             latest = snapshot.latest
             dismissed = ctx.dismissed(snapshot.dismissed)
             sections = [only] if only else gating_sections(settings, dismissed)

@@ -3,16 +3,22 @@
 Two backends behind one interface: SQLite (embedded, local runs) and DynamoDB (Lambda).
 Both keep the same promises, checked by one contract suite (tests/test_store_contract.py):
 
-- `put` never moves "latest" backwards: an older result arriving late only joins history;
+- `put` never moves "latest" backwards: an older result arriving late only joins history,
+  unless the stored latest is dated more than `FUTURE_TOLERANCE_SECONDS` ahead of the
+  writer's clock (a clock that ran fast): then any put replaces it, or it would shadow every
+  real result until the clock caught up;
 - `snapshot` reads every latest section and the dismissed settings in one request, which is
   all `/readyz` needs;
 - history is bounded by a retention (DynamoDB TTL, pruning in SQLite);
-- any backend failure surfaces as `StoreUnavailable`, naming the store and never a secret.
+- any backend failure surfaces as `StoreUnavailable`, naming the store and never a secret;
+- `Snapshot.problem` names a fault the store knows of in its own writes (the last put failed:
+  the file locked, the disk full): readiness fails on it rather than on stale results.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -36,6 +42,9 @@ class Snapshot:
 
     latest: dict[str, Section]
     dismissed: tuple[str, ...] | None  # None: never set through the settings API
+    # Why the results cannot be trusted to be current although they could be read: the
+    # store's last write failed ("" when it did not, or the backend cannot know).
+    problem: str = ""
 
 
 class ResultStore(Protocol):
@@ -62,6 +71,67 @@ class ResultStore(Protocol):
         """Store the dismissed sections; False when they were already exactly these."""
 
     def close(self) -> None: ...
+
+
+class LazyStore:
+    """A store opened on first use, and opened again on every use until an open succeeds.
+
+    `deployhealth serve` shares one between the scheduler and the API so that a store that
+    cannot be opened at start (a garbage file, no permission, a directory in its place) stops
+    neither: `/healthz` answers, `/readyz` says 503 naming the store and why, and the first
+    use after the repair (the next round, the next request) opens it.
+    """
+
+    def __init__(self, description: str, opener: Callable[[], ResultStore]) -> None:
+        self.description = description
+        self._opener = opener
+        self._store: ResultStore | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> ResultStore:
+        """The opened store; raises StoreUnavailable (naming the store) while it cannot open."""
+        store = self._store
+        if store is not None:
+            return store
+        with self._lock:
+            if self._store is None:
+                self._store = self._opener()
+            return self._store
+
+    def snapshot(self) -> Snapshot:
+        return self.open().snapshot()
+
+    def put(self, name: str, section: Section) -> None:
+        self.open().put(name, section)
+
+    def latest(self) -> dict[str, Section]:
+        return self.open().latest()
+
+    def history(
+        self, name: str, *, limit: int = 50, since: datetime | None = None
+    ) -> list[Section]:
+        return self.open().history(name, limit=limit, since=since)
+
+    def dismissed(self) -> tuple[str, ...] | None:
+        return self.open().dismissed()
+
+    def set_dismissed(self, sections: Sequence[str]) -> bool:
+        return self.open().set_dismissed(sections)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+def open_store_lazily(
+    location: StoreLocation, deployment: str, retention_days: float
+) -> LazyStore:
+    """`open_store` deferred to first use and retried until it succeeds; never raises here."""
+    return LazyStore(
+        location.describe(), lambda: open_store(location, deployment, retention_days)
+    )
 
 
 def open_store(location: StoreLocation, deployment: str, retention_days: float) -> ResultStore:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from deployhealth.model import Section, rfc3339
+from deployhealth.model import FUTURE_TOLERANCE_SECONDS, Section, rfc3339
 from deployhealth.store import Snapshot, StoreUnavailable
 
 # Short timeouts and one retry: the API answers readiness probes from this store, and a
@@ -106,8 +107,15 @@ class DynamoDBStore:
                         "bodyz": {"B": body},
                         "checked_at": {"N": checked_at},
                     },
-                    ConditionExpression="attribute_not_exists(pk) OR checked_at < :new",
-                    ExpressionAttributeValues={":new": {"N": checked_at}},
+                    # Forward only, except past a latest dated in the future beyond the
+                    # tolerance (a clock that ran fast): it would shadow every real result.
+                    ConditionExpression=(
+                        "attribute_not_exists(pk) OR checked_at < :new OR checked_at > :future"
+                    ),
+                    ExpressionAttributeValues={
+                        ":new": {"N": checked_at},
+                        ":future": {"N": str(time.time() + FUTURE_TOLERANCE_SECONDS)},
+                    },
                 )
             except ClientError as exc:
                 # A newer result is already latest: this late one only joins history.

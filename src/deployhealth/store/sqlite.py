@@ -1,17 +1,45 @@
-"""The embedded store: one SQLite file, safe to share between the scheduler and the server."""
+"""The embedded store: one SQLite file, safe to share between the scheduler and the server.
+
+Faults it recovers from by itself (docs/design.md, "Result store"):
+
+- a write that fails (the file locked by another process, the disk full) is rolled back at
+  once, so the connection never stays inside a transaction with an old snapshot: the next
+  write after the cause is gone succeeds. Until then `Snapshot.problem` names the fault;
+- reads use a connection of their own, so `/readyz` never queues behind a write waiting
+  for a lock (in WAL mode a reader does not wait for writers, even another process's);
+- the file deleted or replaced under a running process is noticed before every operation
+  (the path's device and inode against those opened): the file is opened again (recreated
+  if gone), the latest results and dismissed sections this process holds are written back,
+  and a warning is logged.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
-from deployhealth.model import Section
+from deployhealth.model import FUTURE_TOLERANCE_SECONDS, Section
 from deployhealth.store import Snapshot, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+# How long a write waits for another process's lock before it fails. Our own writes are
+# serialized by a lock in this process and take milliseconds; waiting longer only delays the
+# round (each family's put would wait in turn) and the moment the fault is reported.
+WRITE_BUSY_TIMEOUT_SECONDS = 1.0
+# How long a read waits for a lock. In WAL mode readers are not blocked by writers; this
+# only bounds the rare cases that do block (a WAL recovery in progress, a file that another
+# process turned back to a rollback journal), so that `/readyz` answers promptly.
+READ_BUSY_TIMEOUT_SECONDS = 0.2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS latest (
@@ -36,58 +64,67 @@ CREATE TABLE IF NOT EXISTS settings (
 );
 """
 
+_T = TypeVar("_T")
+
 
 class SQLiteStore:
     def __init__(self, path: str, deployment: str, retention_days: float) -> None:
         self.description = f"sqlite:///{path}"
+        self._path = path
+        self._in_memory = path == ":memory:"
         self._deployment = deployment
         self._retention_s = retention_days * 86400.0
-        self._lock = threading.Lock()
-        try:
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            # One connection guarded by a lock: the scheduler thread writes while the HTTP
-            # server's threads read; WAL lets a second process (deployhealth check) read too.
-            self._db = sqlite3.connect(path, check_same_thread=False, timeout=5.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            # OSError: the parent directory cannot be made (a file stands there, no rights).
-            raise StoreUnavailable(self.description, str(exc)) from None
+        # Lock order: _write_lock before _read_lock (only reopening takes both).
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        # What this process holds of the store, to write back into a recreated file.
+        self._held_latest: dict[str, Section] = {}
+        self._held_dismissed: str | None = None
+        self._fault = ""  # why the last write failed; "" once one succeeds
+        self._broken = False  # the connections must be opened again before use
+        self._writer, self._reader, self._identity = self._connect()
+
+    # --- the ResultStore protocol ---------------------------------------------------
 
     def put(self, name: str, section: Section) -> None:
         stamp = section.checked_at.timestamp()
         body = json.dumps(section.to_stored())
-        with self._guard():
-            self._db.execute(
-                "INSERT INTO history (deployment, section, checked_at, body) VALUES (?, ?, ?, ?)",
-                (self._deployment, name, stamp, body),
-            )
-            self._db.execute(
-                """INSERT INTO latest (deployment, section, checked_at, body) VALUES (?, ?, ?, ?)
-                   ON CONFLICT (deployment, section) DO UPDATE
-                   SET checked_at = excluded.checked_at, body = excluded.body
-                   WHERE excluded.checked_at > latest.checked_at""",
-                (self._deployment, name, stamp, body),
-            )
-            self._db.execute(
+
+        def work(db: sqlite3.Connection) -> None:
+            # Held under the write lock, and before the commit: a result this process made
+            # is written back into a recreated file even if this put failed.
+            self._hold(name, section)
+            self._insert(db, name, stamp, body)
+            db.execute(
                 "DELETE FROM history WHERE deployment = ? AND checked_at < ?",
                 (self._deployment, time.time() - self._retention_s),
             )
-            self._db.commit()
+
+        self._write(work)
 
     def snapshot(self) -> Snapshot:
-        # Two statements in one transaction: the same view of the file for both.
-        with self._guard():
-            rows = self._db.execute(
+        def work(db: sqlite3.Connection) -> tuple[list[tuple[str, str]], tuple[str] | None]:
+            # Two statements in one read transaction: the same view of the file for both.
+            db.execute("BEGIN")
+            rows = db.execute(
                 "SELECT section, body FROM latest WHERE deployment = ?", (self._deployment,)
             ).fetchall()
-            setting = self._db.execute(
+            setting = db.execute(
                 "SELECT value FROM settings WHERE deployment = ? AND key = 'dismissed'",
                 (self._deployment,),
             ).fetchone()
+            db.execute("COMMIT")
+            return rows, setting
+
+        rows, setting = self._read(work)
         latest = {name: Section.from_stored(json.loads(body)) for name, body in rows}
-        return Snapshot(latest, None if setting is None else tuple(json.loads(setting[0])))
+        for name, section in latest.items():
+            self._hold(name, section)
+        if setting is not None:
+            self._held_dismissed = setting[0]
+        fault = self._fault
+        problem = f"results cannot be stored: {fault}" if fault else ""
+        return Snapshot(latest, None if setting is None else tuple(json.loads(setting[0])), problem)
 
     def latest(self) -> dict[str, Section]:
         return self.snapshot().latest
@@ -96,60 +133,218 @@ class SQLiteStore:
         self, name: str, *, limit: int = 50, since: datetime | None = None
     ) -> list[Section]:
         floor = since.timestamp() if since else float("-inf")
-        with self._guard():
-            rows = self._db.execute(
+        rows = self._read(
+            lambda db: db.execute(
                 """SELECT body FROM history WHERE deployment = ? AND section = ?
                    AND checked_at >= ? ORDER BY checked_at DESC LIMIT ?""",
                 (self._deployment, name, floor, limit),
             ).fetchall()
+        )
         return [Section.from_stored(json.loads(body)) for (body,) in rows]
 
     def dismissed(self) -> tuple[str, ...] | None:
-        with self._guard():
-            row = self._db.execute(
+        row = self._read(
+            lambda db: db.execute(
                 "SELECT value FROM settings WHERE deployment = ? AND key = 'dismissed'",
                 (self._deployment,),
             ).fetchone()
+        )
         return None if row is None else tuple(json.loads(row[0]))
 
     def set_dismissed(self, sections: Sequence[str]) -> bool:
         value = json.dumps(list(sections))
-        with self._guard():
-            row = self._db.execute(
+
+        def work(db: sqlite3.Connection) -> bool:
+            row = db.execute(
                 "SELECT value FROM settings WHERE deployment = ? AND key = 'dismissed'",
                 (self._deployment,),
             ).fetchone()
             if row is not None and row[0] == value:
                 return False
-            self._db.execute(
-                """INSERT INTO settings (deployment, key, value) VALUES (?, 'dismissed', ?)
-                   ON CONFLICT (deployment, key) DO UPDATE SET value = excluded.value""",
-                (self._deployment, value),
-            )
-            self._db.commit()
-        return True
+            self._insert_dismissed(db, value)
+            return True
+
+        changed = self._write(work)
+        self._held_dismissed = value
+        return changed
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._write_lock, self._read_lock:
+            self._close_connections()
 
-    def _guard(self) -> _Guard:
-        return _Guard(self._lock, self.description)
+    def _hold(self, name: str, section: Section) -> None:
+        held = self._held_latest.get(name)
+        if held is None or _replaces(section.checked_at.timestamp(), held.checked_at.timestamp()):
+            self._held_latest[name] = section
+
+    # --- statements -----------------------------------------------------------------
+
+    def _insert(self, db: sqlite3.Connection, name: str, stamp: float, body: str) -> None:
+        db.execute(
+            "INSERT INTO history (deployment, section, checked_at, body) VALUES (?, ?, ?, ?)",
+            (self._deployment, name, stamp, body),
+        )
+        # Latest moves forward only, except past a result dated in the future beyond the
+        # tolerance: it would otherwise shadow every real result until the clock caught up.
+        db.execute(
+            """INSERT INTO latest (deployment, section, checked_at, body) VALUES (?, ?, ?, ?)
+               ON CONFLICT (deployment, section) DO UPDATE
+               SET checked_at = excluded.checked_at, body = excluded.body
+               WHERE excluded.checked_at > latest.checked_at OR latest.checked_at > ?""",
+            (self._deployment, name, stamp, body, time.time() + FUTURE_TOLERANCE_SECONDS),
+        )
+
+    def _insert_dismissed(self, db: sqlite3.Connection, value: str) -> None:
+        db.execute(
+            """INSERT INTO settings (deployment, key, value) VALUES (?, 'dismissed', ?)
+               ON CONFLICT (deployment, key) DO UPDATE SET value = excluded.value""",
+            (self._deployment, value),
+        )
+
+    # --- connections, transactions, recovery ----------------------------------------
+
+    def _connect(self) -> tuple[sqlite3.Connection, sqlite3.Connection, tuple[int, int]]:
+        """Open the writer and the reader; StoreUnavailable naming the problem otherwise."""
+        opened: list[sqlite3.Connection] = []
+        try:
+            if self._in_memory:
+                # One connection: a second ":memory:" connection would be another database.
+                db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+                db.executescript(_SCHEMA)
+                return db, db, (0, 0)
+            path = Path(self._path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                raise StoreUnavailable(self.description, "it is a directory, not a database file")
+            # isolation_level=None: no implicit transactions; every write is one explicit
+            # BEGIN IMMEDIATE ... COMMIT, rolled back on any error (see _write).
+            writer = sqlite3.connect(
+                self._path, check_same_thread=False, timeout=WRITE_BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,
+            )
+            opened.append(writer)
+            writer.execute("PRAGMA journal_mode=WAL")
+            writer.executescript(_SCHEMA)
+            reader = sqlite3.connect(
+                self._path, check_same_thread=False, timeout=READ_BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,
+            )
+            opened.append(reader)
+            stat = os.stat(self._path)
+            return writer, reader, (stat.st_dev, stat.st_ino)
+        except (sqlite3.Error, OSError) as exc:
+            # OSError: the parent directory cannot be made (a file stands there, no rights).
+            for db in opened:
+                db.close()
+            raise StoreUnavailable(self.description, _problem(exc)) from None
+
+    def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        with self._write_lock:
+            try:
+                self._ensure_current()
+            except StoreUnavailable as exc:
+                self._fault = exc.problem
+                raise
+            db = self._writer
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                result = work(db)
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._fault = _problem(exc)
+                self._roll_back(db)
+                raise StoreUnavailable(self.description, self._fault) from None
+            self._fault = ""
+            return result
+
+    def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._broken or self._file_changed():
+            with self._write_lock:
+                self._ensure_current()
+        with self._read_lock:
+            db = self._reader
+            try:
+                return work(db)
+            except sqlite3.Error as exc:
+                self._roll_back(db)
+                raise StoreUnavailable(self.description, _problem(exc)) from None
+
+    def _roll_back(self, db: sqlite3.Connection) -> None:
+        """Leave no transaction open: its old snapshot would hide every later write."""
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        except sqlite3.Error:
+            # The connection is in a state we cannot trust: open it again before next use.
+            self._broken = True
+
+    def _file_changed(self) -> str:
+        """How the file at the path differs from the one open: "" when it is the same."""
+        if self._in_memory:
+            return ""
+        try:
+            stat = os.stat(self._path)
+        except FileNotFoundError:
+            return "was deleted"
+        except OSError:
+            return ""  # cannot tell: the next statement reports what is wrong
+        if (stat.st_dev, stat.st_ino) != self._identity:
+            return "was replaced by another file"
+        return ""
+
+    def _ensure_current(self) -> None:
+        """Reopen if the connections are unusable or the file is not the one open.
+
+        The caller holds the write lock.
+        """
+        why = "could not be used" if self._broken else self._file_changed()
+        if not why:
+            return
+        with self._read_lock:
+            self._broken = True
+            self._close_connections()
+            if not os.path.exists(self._path):
+                # The deleted file's WAL and shared memory would be replayed into the new file.
+                for suffix in ("-wal", "-shm"):
+                    try:
+                        Path(self._path + suffix).unlink(missing_ok=True)
+                    except OSError as exc:
+                        raise StoreUnavailable(self.description, _problem(exc)) from None
+            self._writer, self._reader, self._identity = self._connect()
+            rewritten = self._write_back()
+            self._broken = False
+        logger.warning(
+            "result store %s: the file %s while in use; opened it again and wrote back the "
+            "%d latest results this process held",
+            self.description, why, rewritten,
+        )
+
+    def _write_back(self) -> int:
+        db = self._writer
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for name, section in self._held_latest.items():
+                body = json.dumps(section.to_stored())
+                self._insert(db, name, section.checked_at.timestamp(), body)
+            if self._held_dismissed is not None:
+                self._insert_dismissed(db, self._held_dismissed)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._roll_back(db)
+            raise StoreUnavailable(self.description, _problem(exc)) from None
+        return len(self._held_latest)
+
+    def _close_connections(self) -> None:
+        for db in {id(c): c for c in (self._writer, self._reader)}.values():
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
 
 
-class _Guard:
-    """Hold the connection lock and turn SQLite errors into StoreUnavailable."""
+def _replaces(new: float, held: float) -> bool:
+    return new > held or held > time.time() + FUTURE_TOLERANCE_SECONDS
 
-    def __init__(self, lock: threading.Lock, description: str) -> None:
-        self._lock = lock
-        self._description = description
 
-    def __enter__(self) -> None:
-        self._lock.acquire()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> bool:
-        self._lock.release()
-        if isinstance(exc, sqlite3.Error):
-            raise StoreUnavailable(self._description, str(exc)) from None
-        return False
+def _problem(exc: BaseException) -> str:
+    if isinstance(exc, StoreUnavailable):
+        return exc.problem
+    return str(exc) or type(exc).__name__
