@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import random
+import struct
 import time
+import tracemalloc
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from support.coder_schema import check_section
+from support.peers import running_nginx
 
 from deployhealth.checks.database import probe
 from deployhealth.deadline import Deadline
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import Section, Severity
+from deployhealth.runner import run_family
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.postgres import LocalPostgres
-from deployhealth.sim.tcp import BlackHoleServer, DelayProxy
+from deployhealth.sim.tcp import BlackHoleServer, DelayProxy, ScriptedServer, free_port
 
 
 def url(
@@ -154,3 +160,129 @@ def test_slow_network_is_edb02(pg: LocalPostgres) -> None:
     assert data["threshold_ms"] == 10
     message = section.warnings[0].message
     assert "threshold of 10 ms" in message and data["latency"].removesuffix("ms") in message
+
+
+# --- peers that are not PostgreSQL (EDB01, never EUNKNOWN, memory bounded) ----------
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def _notices(count: int) -> bytes:
+    # Well-formed NoticeResponse messages, each valid on its own: only their number is wrong.
+    one = _message(b"N", b"SNOTICE\0Mhello\0\0")
+    return one * count
+
+
+ZEROS = b"\0" * 65536
+
+
+def run_guarded(database_url: str, deadline_seconds: float) -> tuple[Section, float, int]:
+    """The family run as the runner runs it, with its time and its traced memory peak."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        started = time.monotonic()
+        section = run_family(
+            "database",
+            Settings(database_url=Secret(database_url)),
+            Deadline.after(deadline_seconds),
+        )
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return check_section("database", section), elapsed, peak
+
+
+STREAMING_PEERS = {
+    # Bytes from the first moment, whatever the client says.
+    "zeros-from-accept": ({"stream": ZEROS}, "disable", "not PostgreSQL"),
+    "zeros-from-accept-tls": ({"stream": ZEROS}, "prefer", "not PostgreSQL"),
+    # A valid message type with a length of almost 2 GB, then bytes without end: the
+    # shape that took 2.7 GB.
+    "huge-declared-length": (
+        {"reply": b"R" + struct.pack("!i", 0x7FFFFFF0), "stream": ZEROS},
+        "disable",
+        "announced a message of 2147483632 bytes",
+    ),
+    # Small, well-formed messages that never end: only the total can stop them.
+    "endless-notices": (
+        {"reply": _notices(1), "stream": _notices(4096)},
+        "disable",
+        "sent more than 256 KiB in answer to one request",
+    ),
+}
+
+
+@pytest.mark.parametrize("peer", STREAMING_PEERS)
+def test_streaming_peer_is_edb01_in_bounded_memory_and_time(peer: str) -> None:
+    script, sslmode, said = STREAMING_PEERS[peer]
+    with ScriptedServer(**script) as server:  # type: ignore[arg-type]
+        section, elapsed, peak = run_guarded(
+            f"postgresql://coder:pw-123@127.0.0.1:{server.port}/coder?sslmode={sslmode}", 10.0
+        )
+    text = only_error(section)
+    assert said in text, text
+    assert f"127.0.0.1:{server.port}" in text and "pw-123" not in text
+    assert elapsed < 10.0
+    assert peak < 50 * 1024 * 1024, f"traced peak {peak / 2**20:.1f} MiB"
+
+
+def test_dripping_peer_is_cut_at_the_deadline() -> None:
+    # A message whose body comes one byte every 50 ms: each read gets a byte well inside
+    # any per-read timeout, so only an absolute deadline ends it.
+    script = {"reply": b"E" + struct.pack("!i", 100_000), "stream": b"S", "interval": 0.05}
+    with ScriptedServer(**script) as server:  # type: ignore[arg-type]
+        section, elapsed, _peak = run_guarded(
+            f"postgresql://coder:pw@127.0.0.1:{server.port}/coder?sslmode=disable", 2.0
+        )
+        assert server.sent > 0
+    assert "timeout" in only_error(section)
+    assert elapsed < 2.5
+
+
+FOREIGN_PEERS = {
+    "ssh-banner": ({"banner": b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"}, "it sent an SSH banner"),
+    "http-answer": (
+        {"reply": b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"},
+        "it answered in HTTP ('HTTP/1.1 400 Bad Request')",
+    ),
+    "redis-answer": ({"reply": b"-ERR unknown command\r\n"}, "like a text protocol"),
+    "random-bytes": ({"stream": random.Random(9).randbytes(4096)}, "not PostgreSQL"),
+}
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "prefer"])
+@pytest.mark.parametrize("peer", FOREIGN_PEERS)
+def test_a_peer_that_is_not_postgresql_is_edb01_with_what_it_said(peer: str, sslmode: str) -> None:
+    script, said = FOREIGN_PEERS[peer]
+    with ScriptedServer(**script) as server:  # type: ignore[arg-type]
+        started = time.monotonic()
+        section = run_family(
+            "database",
+            Settings(
+                database_url=Secret(
+                    f"postgresql://coder:pw@127.0.0.1:{server.port}/coder?sslmode={sslmode}"
+                )
+            ),
+            Deadline.after(10.0),
+        )
+        elapsed = time.monotonic() - started
+    text = only_error(check_section("database", section))
+    assert "the server is not PostgreSQL" in text and said in text, text
+    # It knows at the first answer: no waiting for a timeout.
+    assert elapsed < 2.0
+
+
+def test_nginx_on_the_database_port_is_edb01_not_postgresql(tmp_path: Path) -> None:
+    port = free_port()
+    conf = (
+        f"pid {tmp_path}/nginx.pid; events {{}} http {{ access_log off; "
+        f"client_body_temp_path {tmp_path}; server {{ listen 127.0.0.1:{port}; "
+        f"location / {{ return 204; }} }} }}\n"
+    )
+    with running_nginx(tmp_path, conf, port):
+        text = only_error(run(f"postgresql://coder:pw@127.0.0.1:{port}/coder?sslmode=disable"))
+    assert "the server is not PostgreSQL: it answered in HTTP ('HTTP/1.1 400" in text, text

@@ -92,7 +92,8 @@ _ALL = [
     Code(
         "EDB01", "database", Severity.ERROR,
         "Connecting to the database, or a query, failed.",
-        "The message tells authentication, unknown database, refused, timeout and TLS apart.",
+        "The message tells authentication, unknown database, refused, timeout, TLS and a "
+        "peer that is not PostgreSQL apart.",
     ),
     Code(
         "EDB02", "database", Severity.WARNING,

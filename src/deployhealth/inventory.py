@@ -56,6 +56,9 @@ from deployhealth.settings import Settings, SettingsError
 
 REQUEST_TIMEOUT_SECONDS = 5.0
 QUERY_TIMEOUT_SECONDS = 5.0
+# What one inventory query may read from the database: 5,000 proxies are about 2 MB of
+# rows. The cap keeps a peer that is not PostgreSQL from taking memory without end.
+INVENTORY_READ_LIMIT = 16 * 1024 * 1024
 # Hundreds of proxies or daemons fit well within this; more is not an inventory.
 API_BODY_CAP = 8 * 1024 * 1024
 REPLICA_LIVE_WINDOW = timedelta(seconds=15)
@@ -607,7 +610,9 @@ class DatabaseInventory:
         try:
             if self._conn is None:
                 self._conn, self._sock = pgconn.connect(
-                    self._target, deadline.sooner(QUERY_TIMEOUT_SECONDS)
+                    self._target,
+                    deadline.sooner(QUERY_TIMEOUT_SECONDS),
+                    read_limit=INVENTORY_READ_LIMIT,
                 )
                 self._conn.run("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
             timeout = deadline.timeout(QUERY_TIMEOUT_SECONDS)

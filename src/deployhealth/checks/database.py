@@ -7,14 +7,15 @@ Decisions:
   the deployment, and readiness must not pass by omission.
 - The connection is deployhealth.pgconn's (sockets, sslmode, TLS and the wording of
   failures are described there); it hands over the socket, so every query here runs under
-  what is left of the 5 s query budget.
+  what is left of the 5 s query budget, and every answer is capped in size
+  (pgconn.DEFAULT_READ_LIMIT): a peer that streams bytes or declares a huge message is
+  EDB01 "not PostgreSQL", not memory taken until the deadline.
 - The password is only handed to pg8000; every message is also scrubbed of it, and the
   target is named with `DatabaseTarget.describe()`.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -112,7 +113,9 @@ def _remaining(budget: Deadline, cap: float, doing: str) -> float:
         raise _ProbeFailure(f"timeout: no time left for {doing}") from None
 
 
-def _ping(conn: pg8000.native.Connection, sock: socket.socket, budget: Deadline) -> list[float]:
+def _ping(
+    conn: pg8000.native.Connection, sock: pgconn.GuardedSocket, budget: Deadline
+) -> list[float]:
     latencies: list[float] = []
     for number in range(1, PINGS + 1):
         doing = f"query {number} of {PINGS} (SELECT 1)"

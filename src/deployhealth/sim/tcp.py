@@ -1,4 +1,5 @@
-"""Loopback TCP fault injectors: a latency-adding proxy and a server that never answers.
+"""Loopback TCP fault injectors: a latency-adding proxy, a server that never answers, and
+one that plays a script (a foreign protocol's banner, a stream without end).
 
 Both bind 127.0.0.1 only, and :class:`DelayProxy` refuses to forward anywhere but
 loopback, so a misconfigured test can never push traffic off the machine.
@@ -20,7 +21,7 @@ from typing import Any, Self
 
 from deployhealth.sim._service import Service
 
-__all__ = ["LOOPBACK", "BlackHoleServer", "DelayProxy", "free_port"]
+__all__ = ["LOOPBACK", "BlackHoleServer", "DelayProxy", "ScriptedServer", "free_port"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -469,3 +470,99 @@ class BlackHoleServer(_LoopbackService):
         for sock in self._held:
             _close_quietly(sock)
         self._held.clear()
+
+
+class ScriptedServer(_LoopbackService):
+    """Accept TCP connections on 127.0.0.1 and play the same script to each: a hostile or
+    foreign peer where a client expects its own protocol.
+
+    - ``banner`` is sent as soon as the connection is accepted (an SSH server's greeting);
+    - ``reply`` once the client has sent its first bytes (an answer to any request);
+    - ``stream`` then over and over, every ``interval`` seconds (0: as fast as the client
+      reads), until the client goes away or the server closes: a peer that never stops.
+
+    After the script the connection is held open until :meth:`close`. Each connection is
+    played on its own daemon thread; `close()` shuts the sockets down, which wakes them.
+    """
+
+    def __init__(
+        self,
+        *,
+        banner: bytes = b"",
+        reply: bytes = b"",
+        stream: bytes = b"",
+        interval: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self._banner = banner
+        self._reply = reply
+        self._stream = stream
+        self._interval = interval
+        self._conns: list[socket.socket] = []
+        self._players: list[threading.Thread] = []
+        self._sent = 0
+        self._changed = threading.Condition()
+
+    @property
+    def sent(self) -> int:
+        """Bytes of ``stream`` sent so far, over every connection."""
+        with self._changed:
+            return self._sent
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            selector.register(self._listener, selectors.EVENT_READ)
+            try:
+                while not self._closing.is_set():
+                    for key, _events in selector.select():
+                        if key.fileobj is self._listener:
+                            self._accept()
+            except BaseException:
+                _log.exception("ScriptedServer on port %d crashed", self.port)
+            finally:
+                self._teardown()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _addr = self._listener.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            conn.setblocking(True)
+            player = threading.Thread(
+                target=self._play, args=(conn,), name=f"ScriptedServer:{self.port}", daemon=True
+            )
+            with self._changed:
+                self._conns.append(conn)
+                self._players.append(player)
+            player.start()
+
+    def _play(self, conn: socket.socket) -> None:
+        try:
+            if self._banner:
+                conn.sendall(self._banner)
+            if self._reply:
+                if not conn.recv(_RECV_SIZE):
+                    return
+                conn.sendall(self._reply)
+            while self._stream and not self._closing.is_set():
+                conn.sendall(self._stream)
+                with self._changed:
+                    self._sent += len(self._stream)
+                if self._interval and self._closing.wait(self._interval):
+                    return
+        except OSError:
+            return  # the client went away, or close() shut the socket down
+
+    def _release(self) -> None:
+        with self._changed:
+            conns, players = list(self._conns), list(self._players)
+            self._conns.clear()
+            self._players.clear()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            _close_quietly(conn)
+        for player in players:
+            player.join(_JOIN_TIMEOUT)
