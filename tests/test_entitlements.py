@@ -123,32 +123,32 @@ def test_no_token_still_reads_replicas_from_the_database(
     assert first["version"] == CODER_VERSION and first["updated_at"] is not None
 
 
-def test_a_rejected_token_is_eunknown(sim: SimulatedDeployment) -> None:
+def test_a_rejected_token_is_eent04(sim: SimulatedDeployment) -> None:
     section = run(api_settings(sim, coder_token=Secret("stale-token-42")))
-    assert set(section.codes) == {"EUNKNOWN"} and section.severity is Severity.ERROR
+    assert set(section.codes) == {"EENT04"} and section.severity is Severity.ERROR
     text = section.error or ""
     assert "cannot read the entitlements: GET " in text and "401 Unauthorized" in text
     assert "stale-token-42" not in json.dumps(section.to_dict())
 
 
-def test_an_answer_without_features_is_eunknown_not_a_licence_verdict(
+def test_an_answer_without_features_is_eent04_not_a_licence_verdict(
     sim: SimulatedDeployment,
 ) -> None:
     set_faults(sim, entitlements="no-features", replicas="two-ha")
     section = run(api_settings(sim))
     # Not EENT01: a missing high_availability is not "not_entitled".
-    assert section.codes == ["EUNKNOWN"] and section.severity is Severity.ERROR
+    assert section.codes == ["EENT04"] and section.severity is Severity.ERROR
     assert section.error == (
-        "EUNKNOWN: cannot judge the entitlements: GET /api/v2/entitlements answered without a "
+        "EENT04: cannot judge the entitlements: GET /api/v2/entitlements answered without a "
         "features object"
     )
     assert section.to_dict()["has_license"] is None
 
 
-def test_a_403_from_in_front_of_coder_is_eunknown(sim: SimulatedDeployment) -> None:
+def test_a_403_from_in_front_of_coder_is_eent04(sim: SimulatedDeployment) -> None:
     set_faults(sim, waf="block")
     section = run(api_settings(sim))
-    assert set(section.codes) == {"EUNKNOWN"} and section.severity is Severity.ERROR
+    assert set(section.codes) == {"EENT04"} and section.severity is Severity.ERROR
     assert "answered 403 Forbidden" in (section.error or "")
 
 
@@ -178,10 +178,10 @@ def test_unlicensed_two_replicas_is_eent01_with_coders_message(
     ]
 
 
-def test_unreachable_deployment_is_eunknown() -> None:
+def test_unreachable_deployment_is_eent04() -> None:
     settings = Settings(access_url=f"http://127.0.0.1:{free_port()}", coder_token=Secret("tok1"))
     section = run(settings)
-    assert set(section.codes) == {"EUNKNOWN"}
+    assert set(section.codes) == {"EENT04"}
     assert "connection refused" in (section.error or "")
 
 

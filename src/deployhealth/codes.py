@@ -208,6 +208,12 @@ _INVENTORY = [
         "A replica reports an error, e.g. it cannot dial its peers' relays.",
         "Check that replicas can reach each other's relay address (security groups).",
     ),
+    Code(
+        "EENT04", "entitlements", Severity.ERROR,
+        "The entitlements or the replicas could not be read.",
+        "The message names what failed: renew the token (a 401), or fix the inventory source "
+        "(api or database). Could not look is not unlicensed.",
+    ),
 ]
 
 # Only the codes of families this version runs: a code nobody can emit is not documented.

@@ -10,6 +10,8 @@ from the inventory (primary, not stopped, updated within 15 s; see `Replica.is_l
 - EENT02 (warning): each entitlement warning the deployment reports (licence expiring,
   seat limit, ...).
 - EENT03 (warning): a live replica reports an error (it cannot dial its peers' relays).
+- EENT04 (error): the entitlements or the replicas could not be read (a rejected token, a
+  refused connection, a database error, an answer without a `features` object).
 
 Decisions:
 
@@ -20,7 +22,8 @@ Decisions:
   an error). The message says what is not checked and how to fix it; the replicas are
   still read and reported (EENT03 still applies) when an inventory source is available.
 - **The entitlements or the replicas cannot be read** (401, a refused connection, a
-  database error) is EUNKNOWN at error: a token was given, so the check was meant to run,
+  database error) is EENT04 at error, naming the source: a token was given, so the check
+  was meant to run,
   and a licence that cannot be seen cannot be vouched for. An entitlements answer without
   a `features` object is the same: reading a missing `high_availability` as not_entitled
   would turn "could not look" into a licence verdict.
@@ -69,7 +72,7 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     if entitlements is not None and not isinstance(entitlements.get("features"), Mapping):
         findings.append(
             Finding(
-                "EUNKNOWN",
+                "EENT04",
                 "cannot judge the entitlements: GET /api/v2/entitlements answered without a "
                 "features object",
                 Severity.ERROR,
@@ -128,7 +131,7 @@ def _live_replicas(
     except InventoryError as exc:
         findings.append(
             Finding(
-                "EUNKNOWN", f"cannot read the replicas ({source} inventory): {exc}", Severity.ERROR
+                "EENT04", f"cannot read the replicas ({source} inventory): {exc}", Severity.ERROR
             )
         )
         return None
@@ -144,7 +147,7 @@ def _entitlements(
     try:
         api = CoderAPI.for_settings(settings)
     except InventoryError as exc:
-        findings.append(Finding("EUNKNOWN", f"cannot read the entitlements: {exc}", Severity.ERROR))
+        findings.append(Finding("EENT04", f"cannot read the entitlements: {exc}", Severity.ERROR))
         return None
     try:
         if not api.token:
@@ -152,7 +155,7 @@ def _entitlements(
             return None
         return api.entitlements(deadline)
     except (InventoryError, SettingsError) as exc:
-        findings.append(Finding("EUNKNOWN", f"cannot read the entitlements: {exc}", Severity.ERROR))
+        findings.append(Finding("EENT04", f"cannot read the entitlements: {exc}", Severity.ERROR))
         return None
     finally:
         api.close()
