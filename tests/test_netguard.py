@@ -13,6 +13,7 @@ import http.server
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -52,6 +53,21 @@ LOOPBACK_BLOCKED = networks(["127.0.0.0/8", "::1/128"])
 
 # --- the policy -----------------------------------------------------------------------
 
+# 169.254.169.254 spelled in IPv6: every embedding a stack or a translator may route to it.
+METADATA_IN_IPV6 = [
+    "::a9fe:a9fe",  # IPv4-compatible
+    "::169.254.169.254",
+    "::ffff:0:a9fe:a9fe",  # SIIT's IPv4-translated
+    "64:ff9b::a9fe:a9fe",  # NAT64, well-known prefix
+    "64:ff9b::169.254.169.254",
+    "64:ff9b:1:a9fe:a9:fe00::",  # NAT64, local-use prefix at /48 (RFC 6052 layout)
+    "64:ff9b:1::a9fe:a9fe",  # the same at /96
+    "2002:a9fe:a9fe::1",  # 6to4
+    "2001:0:a9fe:a9fe::1",  # Teredo, the metadata address as its server
+    "2001:0:4136:e378:8000:63bf:5601:5601",  # Teredo, as its (obfuscated) client
+    "2001:db8::200:5efe:a9fe:a9fe",  # ISATAP interface id
+]
+
 
 @pytest.mark.parametrize(
     ("address", "blocked"),
@@ -62,6 +78,11 @@ LOOPBACK_BLOCKED = networks(["127.0.0.0/8", "::1/128"])
         ("fe80::1", True),
         ("fe80::1%lo", True),
         ("::ffff:169.254.169.254", True),
+        *((spelling, True) for spelling in METADATA_IN_IPV6),
+        ("::ffff:127.0.0.1", False),
+        ("64:ff9b::a00:5", False),  # NAT64 of 10.0.0.5
+        ("2002:a00:5::1", False),  # 6to4 of 10.0.0.5
+        ("::1", False),
         ("127.0.0.1", False),
         ("10.0.0.5", False),
         ("fd00:ec3::1", False),
@@ -94,6 +115,18 @@ def test_fetch_refuses_blocked_literals_without_connecting(
     text = str(caught.value)
     assert text.startswith(f"refusing to fetch {url}: ")
     assert "link-local or instance-metadata address" in text
+    assert connects == []
+
+
+@pytest.mark.parametrize("spelling", METADATA_IN_IPV6)
+def test_metadata_in_ipv6_clothes_is_refused_without_connecting(
+    spelling: str, connects: list[str]
+) -> None:
+    url = f"http://[{spelling}]/latest/meta-data/"
+    with pytest.raises(BlockedAddressError, match=re.escape("(in 169.254.0.0/16)")):
+        get(url)
+    with GuardedSession() as guard, pytest.raises(BlockedAddressError, match="refusing"):
+        guard.get(url, Deadline.after(5))
     assert connects == []
 
 

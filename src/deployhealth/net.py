@@ -300,9 +300,8 @@ def blocking_network(
     """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
-    # ::ffff:169.254.169.254 reaches the IPv4 metadata service on a dual-stack socket.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        candidates.append(ip.ipv4_mapped)
+    if isinstance(ip, ipaddress.IPv6Address):
+        candidates += embedded_ipv4(ip)
     for candidate in candidates:
         if any(candidate in net for net in allowed if net.version == candidate.version):
             return None
@@ -311,6 +310,52 @@ def blocking_network(
             if net.version == candidate.version and candidate in net:
                 return net
     return None
+
+
+# NAT64 prefixes (RFC 6052 well-known, RFC 8215 local use) and where, after each prefix
+# length, the IPv4 address sits: (start bit of its first part, bits in it). Bits 64-71 are
+# the reserved "u" octet, which the embedding skips.
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_RFC6052_LAYOUTS = {48: (48, 16), 56: (56, 8), 64: (72, 32), 96: (96, 32)}
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address `ip` may stand for: a route to 169.254.169.254 in IPv6 clothes.
+
+    IPv4-mapped (`::ffff:a.b.c.d`, a dual-stack socket dials the IPv4 address), IPv4-
+    compatible (`::a.b.c.d`, deprecated but still routed by some stacks), SIIT's translated
+    form (`::ffff:0:a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d` and the local-use /48 at each RFC
+    6052 prefix length), 6to4 (`2002:AABB:CCDD::/48`), Teredo (its server and its
+    client) and ISATAP interface ids (`...:5efe:a.b.c.d`). Refusing one spelling and
+    dialling another would be no guard at all.
+    """
+    value = int(ip)
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    high = value >> 32
+    low = ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if high == 0 and int(low) > 1:  # not :: nor ::1
+        found.append(low)
+    if high == 0xFFFF0000:
+        found.append(low)
+    if ip in _NAT64_WELL_KNOWN:
+        found.append(low)
+    elif ip in _NAT64_LOCAL:
+        for start, first in _RFC6052_LAYOUTS.values():
+            bits = (value >> (128 - start - first)) & ((1 << first) - 1)
+            if first < 32:  # the rest follows the u octet (bits 64-71)
+                rest = 32 - first
+                bits = (bits << rest) | ((value >> (128 - 72 - rest)) & ((1 << rest) - 1))
+            found.append(ipaddress.IPv4Address(bits))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found += list(ip.teredo)
+    if (value >> 32) & 0xFDFFFFFF == 0x00005EFE:  # ISATAP: 0000:5efe or 0200:5efe
+        found.append(low)
+    return found
 
 
 def blocked_address_check(allow: Iterable[str], blocked: Iterable[str]) -> AddressCheck:
