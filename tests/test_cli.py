@@ -386,3 +386,67 @@ def test_demo_switch_lands_between_rounds_and_the_next_round_shows_it(tmp_path):
         assert health.json()["workspace_proxy"]["severity"] == "ok"
     finally:
         assert demo.stop() == 0
+
+
+# --- credentials inside URL settings -------------------------------------------------
+
+
+def test_credentials_in_url_settings_reach_no_output_store_or_api(sim, local_postgres, tmp_path):
+    # Every planted credential holds "Pl4nted"; the user names are distinctive too.
+    host = sim.url.removeprefix("http://")
+    access = f"http://leak-user:Pl4nted-AccessPw@{host}/?coder_session_token=Pl4nted-QueryTok"
+    derp = f"http://derp-user:Pl4nted-DerpPw@{host}/no-such-derpmap.json?token=Pl4nted-DerpTok"
+    database = local_postgres.url.replace(
+        f"{local_postgres.user}:", f"{local_postgres.user}:Pl4nted-", 1
+    )  # a wrong password: EDB01 quotes the target
+    planted = ("Pl4nted", "leak-user", "derp-user")
+
+    def leaked(text: str) -> list[str]:
+        return [p for p in planted if p in text]
+
+    store = tmp_path / "r.db"
+    env = clean_env(
+        DEPLOYHEALTH_ACCESS_URL=access,
+        DEPLOYHEALTH_DERP_MAP=derp,
+        DEPLOYHEALTH_DATABASE_URL=database,
+        DEPLOYHEALTH_CODER_TOKEN=sim.token,
+        DEPLOYHEALTH_STORE=f"sqlite:///{store}",
+    )
+    for token in (sim.token, "Pl4nted-revoked-token"):  # the second: inventory errors
+        env["DEPLOYHEALTH_CODER_TOKEN"] = token
+        for args in (["check"], ["check", "--json"]):
+            result = run(args, env, tmp_path)
+            assert result.returncode == 1, result.stderr
+            assert leaked(result.stdout + result.stderr) == [], result.stdout
+    report = json.loads(run(["check", "--json"], env, tmp_path).stdout)
+    # The URL is still shown, less its credentials; the failures still say what failed.
+    assert report["access_url"]["access_url"] == f"http://{host}/?coder_session_token=***"
+    assert report["access_url"]["healthy"] is True
+    assert "authentication failed" in report["database"]["error"]
+    assert "EPD04" in report["provisioner_daemons"]["error"]
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    try:
+        server.wait_for("round:")
+        server.wait_for("round:")  # a second round: history has more than one entry
+        bodies = [
+            requests.get(f"{base}{path}", timeout=10).text
+            for path in (
+                "/api/v2/debug/health",
+                "/api/v2/debug/health?force=true",
+                "/api/v2/debug/health/history",
+                "/readyz?verbose",
+                "/health",
+            )
+        ]
+    finally:
+        assert server.stop() == 0
+    assert "EDB01" in bodies[0] and "derp" in bodies[2]
+    for body in bodies:
+        assert leaked(body) == []
+    assert leaked("".join(server.seen)) == []
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("r.db*"))
+    assert b"EDB01" in stored
+    assert [p for p in planted if p.encode() in stored] == []

@@ -13,8 +13,9 @@ from aws_lambda_powertools.utilities import parameters
 from aws_lambda_powertools.utilities.parameters import base as parameters_base
 
 from deployhealth.deadline import Deadline
+from deployhealth.redact import Redactor, safe_url
 from deployhealth.runner import run_family
-from deployhealth.settings import SettingsError, is_ssm_reference, load_settings
+from deployhealth.settings import Settings, SettingsError, is_ssm_reference, load_settings
 
 
 @pytest.fixture
@@ -95,3 +96,37 @@ def test_a_missing_secret_is_a_clear_edb01_naming_the_setting(aws):
 def test_ssm_parameter_arns_are_recognised_in_every_partition(reference, in_ssm):
     # The template's CoderTokenSecretInSsm condition reads the third ARN field the same way.
     assert is_ssm_reference(reference) is in_ssm
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://admin:hunter2@coder.example.com/", "https://coder.example.com/"),
+        ("https://tok3n@coder.example.com:8443/x", "https://coder.example.com:8443/x"),
+        (
+            "https://coder.example.com/m.json?token=abc&v=2",
+            "https://coder.example.com/m.json?token=***&v=2",
+        ),
+        (
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA&X-Amz-Signature=f00&x=1",
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&x=1",
+        ),
+        ("https://coder.example.com/?v=2", "https://coder.example.com/?v=2"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_safe_url_drops_userinfo_and_masks_token_parameters(url: str, shown: str) -> None:
+    assert safe_url(url) == shown
+
+
+def test_the_redactor_masks_what_url_settings_carry() -> None:
+    settings = Settings(
+        access_url="https://ops:Acc3ss-pw@coder.example.com/",
+        derp_map="https://coder.example.com/derp.json?token=D3rp-token",
+    )
+    redactor = Redactor.for_settings(settings)
+    text = redactor.scrub(
+        "GET https://ops:Acc3ss-pw@coder.example.com/x failed; map ?token=D3rp-token; ops ok"
+    )
+    assert "Acc3ss-pw" not in text and "D3rp-token" not in text
+    assert text.endswith("ops ok")  # a user name alone is no secret: not masked elsewhere

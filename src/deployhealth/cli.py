@@ -22,6 +22,7 @@ from deployhealth import codes as code_docs
 from deployhealth.checks import FAMILIES
 from deployhealth.model import UnknownSectionError, canonical_section
 from deployhealth.readiness import Readiness
+from deployhealth.redact import safe_url
 from deployhealth.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -158,7 +159,8 @@ def _print_table(
     settings: Settings, sections: dict, readiness: Readiness, out: TextIO
 ) -> None:
     width = shutil.get_terminal_size((100, 20)).columns
-    out.write(f"deployhealth: {settings.name}  {settings.access_url or '(no access URL)'}\n\n")
+    shown = safe_url(settings.access_url) if settings.access_url else "(no access URL)"
+    out.write(f"deployhealth: {settings.name}  {shown}\n\n")
     rows = [("SECTION", "SEVERITY", "CODES", "SUMMARY")]
     for name, section in sections.items():
         first = (section.errors or section.warnings or [None])[0]

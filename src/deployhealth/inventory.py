@@ -51,7 +51,7 @@ import requests
 from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.model import ZERO_TIME, coder_uuid, parse_rfc3339, rfc3339, utcnow
 from deployhealth.netguard import GuardedSession, GuardError, read_capped
-from deployhealth.redact import Redactor
+from deployhealth.redact import Redactor, safe_url
 from deployhealth.settings import Settings, SettingsError
 
 REQUEST_TIMEOUT_SECONDS = 5.0
@@ -445,11 +445,14 @@ class CoderAPI:
             raise InventoryError("no access URL configured (set DEPLOYHEALTH_ACCESS_URL)")
         parts = urlsplit(self.access_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise InventoryError(f"the access URL {self.access_url!r} is not an http(s) URL")
+            raise InventoryError(
+                f"the access URL {safe_url(self.access_url)!r} is not an http(s) URL"
+            )
         return f"{parts.scheme}://{parts.netloc}"
 
     def get_json(self, path: str, deadline: Deadline, *, auth: bool = True) -> Any:
-        url = self._base() + path
+        address = self._base() + path
+        url = safe_url(address)  # what messages show: never user:password@
         headers: dict[str, str] = {"Accept": "application/json"}
         if auth:
             if not self.token:
@@ -459,7 +462,7 @@ class CoderAPI:
             headers[TOKEN_HEADER] = self.token
         budget = deadline.sooner(REQUEST_TIMEOUT_SECONDS)
         try:
-            response = self._session.get(url, budget, headers=headers)
+            response = self._session.get(address, budget, headers=headers)
             status, reason = response.status_code, response.reason
             body, more = read_capped(response, API_BODY_CAP, budget)
         except GuardError as exc:

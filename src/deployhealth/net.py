@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from deployhealth.deadline import Deadline, DeadlineExceeded
+from deployhealth.redact import safe_url
 
 OPERATION_TIMEOUT_SECONDS = 5.0
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -167,6 +168,7 @@ def parse_access_url(url: str) -> tuple[str, str, int]:
     """
     example = "expected an absolute http(s) URL such as https://coder.example.com"
     parts = urlsplit(url)
+    url = safe_url(url)  # for the messages below: never the credentials it may carry
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"

@@ -73,6 +73,7 @@ from deployhealth.net import (
     show_sockaddr,
     tls_context,
 )
+from deployhealth.redact import safe_url
 from deployhealth.settings import BLOCKED_NETWORKS, Settings
 
 _READ_SIZE = 16 * 1024
@@ -91,8 +92,8 @@ class BlockedAddressError(GuardError):
         self.network = network
         where = address if host == address else f"{host} resolves to {address}, which"
         super().__init__(
-            f"refusing to fetch {url}: {where} is a link-local or instance-metadata address "
-            f"(in {network}); add it to DEPLOYHEALTH_SSRF_ALLOW if this is intended"
+            f"refusing to fetch {safe_url(url)}: {where} is a link-local or instance-metadata "
+            f"address (in {network}); add it to DEPLOYHEALTH_SSRF_ALLOW if this is intended"
         )
 
 
@@ -104,7 +105,7 @@ class FetchError(GuardError):
         self.phase = phase
         self.timed_out = timed_out
         shown = f"timeout: {phase}: {detail}" if timed_out else f"{phase}: {detail}"
-        super().__init__(f"GET {url}: {shown}")
+        super().__init__(f"GET {safe_url(url)}: {shown}")
 
 
 class ResolveError(FetchError):

@@ -66,6 +66,9 @@ def run_probe(family: str, probe: Probe, settings: Settings, deadline: Deadline)
         else:
             message = redactor.scrub(f"{type(result).__name__}: {result}")
             section = _unknown(family, message)
+    # The backstop for secrets: whatever a probe quoted (an exception's text, a URL with
+    # user:password@), nothing masked here reaches the output, the store or the API.
+    section = redactor.scrub_section(section)
     section.checked_at = started_at
     section.duration_ms = (time.monotonic() - start) * 1000.0
     return section

@@ -55,6 +55,7 @@ from deployhealth.net import (
     tls_handshake,
     unverified_tls_context,
 )
+from deployhealth.redact import safe_url
 from deployhealth.settings import Settings
 
 REQUEST_TIMEOUT_SECONDS = 5.0
@@ -108,7 +109,8 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
     started = time.monotonic()
     configured = (settings.access_url or "").strip()
     details: dict[str, Any] = {
-        "access_url": configured,
+        # As configured, less any user:password@ or token in it (Coder shows it as given).
+        "access_url": safe_url(configured),
         "reachable": False,
         "status_code": 0,
         "healthz_response": "",

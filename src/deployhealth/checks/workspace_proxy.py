@@ -63,6 +63,7 @@ from deployhealth.model import (
 )
 from deployhealth.net import IPNetwork, PhaseError, networks, tls_context
 from deployhealth.netguard import BlockedAddressError, Fetched, FetchError, GuardError, fetch
+from deployhealth.redact import safe_url
 from deployhealth.settings import Settings
 
 PROBE_TIMEOUT_SECONDS = 5.0
@@ -209,7 +210,9 @@ async def _probe_one(
     except ValueError:
         return _Outcome(
             "unhealthy",
-            errors=[f"the proxy URL {proxy.url!r} does not parse as an absolute http(s) URL"],
+            errors=[
+                f"the proxy URL {safe_url(proxy.url)!r} does not parse as an absolute http(s) URL"
+            ],
         )
     if probing.expired:
         return None
@@ -234,7 +237,7 @@ async def _probe_one(
         return _Outcome("unreachable", errors=[str(exc)], checked_at=checked_at)
     except GuardError as exc:
         return _Outcome("unhealthy", errors=[str(exc)], checked_at=checked_at)
-    return _classify(url, answer, checked_at)
+    return _classify(safe_url(url), answer, checked_at)
 
 
 def _classify(url: str, answer: Fetched, checked_at: datetime) -> _Outcome:
