@@ -13,13 +13,15 @@ import json
 import threading
 import time
 import tracemalloc
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from support.coder_schema import check_section
 from support.deployment import api_settings, set_faults
 
-from deployhealth.checks.workspace_proxy import probe
+from deployhealth.checks.workspace_proxy import ENTRY_CHARS, probe
 from deployhealth.deadline import Deadline
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import Section, Severity
@@ -27,6 +29,7 @@ from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
 from deployhealth.sim.inventory import ProxyFarm, ProxyReply, SimProxy, proxy_replies
 from deployhealth.sim.tcp import free_port
+from deployhealth.store import ResultStore
 
 
 def static_settings(*proxies: tuple[str, str], **overrides: Any) -> Settings:
@@ -280,7 +283,7 @@ def test_chunked_report_is_read(farm: ProxyFarm) -> None:
         conn, _ = listener.accept()
         with conn:
             conn.recv(65536)
-            body = json.dumps({"errors": [], "warnings": ["w" * 3000]}).encode()
+            body = json.dumps({"errors": [], "warnings": ["w" * 3000, "last"]}).encode()
             chunks = b"".join(
                 f"{len(body[i:i + 1000]):x}\r\n".encode() + body[i:i + 1000] + b"\r\n"
                 for i in range(0, len(body), 1000)
@@ -298,7 +301,10 @@ def test_chunked_report_is_read(farm: ProxyFarm) -> None:
         thread.join(5)
         listener.close()
     assert status(section, "chunky") == "ok"
-    assert only_message(section) == "chunky: " + "w" * 3000
+    # Read to the last chunk; a long entry is kept to ENTRY_CHARS, saying it was cut.
+    assert [w.message for w in section.warnings] == [
+        "chunky: " + "w" * (ENTRY_CHARS - 1) + "…", "chunky: last"
+    ]
 
 
 def test_slow_proxy_times_out_as_unreachable_after_five_seconds(farm: ProxyFarm) -> None:
@@ -439,3 +445,52 @@ def test_sim_proxy_counts_requests(farm: ProxyFarm) -> None:
     proxy: SimProxy = farm.add(ProxyReply())
     run(static_settings(("one", proxy.url)))
     assert proxy.hits == 1
+
+
+# --- 5,000 proxies: the section always fits the store ----------------------------------
+
+
+def _random_errors(count: int) -> ProxyReply:
+    # Distinct, incompressible text in every answer, as real errors with ids and addresses are.
+    errors = [f"replica {uuid.uuid4()} unreachable: {uuid.uuid4().hex}" for _ in range(count)]
+    body = json.dumps({"errors": errors, "warnings": []}).encode()
+    return ProxyReply(body=body)
+
+
+def test_five_thousand_proxies_fit_either_store_and_coders_schema(
+    farm: ProxyFarm, store_factory: Callable[[], ResultStore]
+) -> None:
+    replies = proxy_replies(CODER_VERSION)
+    proxies: list[SimProxy] = [
+        *farm.add_many(3000, replies["ok"]),
+        *farm.add_many(1200, lambda: _random_errors(3)),
+        *farm.add_many(300, lambda: _random_errors(200)),  # a report far past any budget
+        *farm.add_many(500, replies["not-proxy"]),
+    ]
+    listed = tuple(
+        {"id": str(uuid.uuid4()), "name": f"proxy-{n:04d}-{uuid.uuid4().hex[:8]}",
+         "path_app_url": f"http://127.0.0.1:{p.port}",
+         "created_at": f"2024-01-01T00:{n // 60 % 60:02d}:{n % 60:02d}.{n:06d}Z"}
+        for n, p in enumerate(proxies)
+    )
+    section = run(Settings(static_proxies=listed), deadline_seconds=120.0)
+    assert section.severity is Severity.WARNING
+    assert len(json.dumps(section.to_stored())) < 400_000
+
+    # Every proxy counts: 2,000 not ok, and the report says how many entries it left out.
+    data = section.to_dict()
+    kept = data["workspace_proxies"]["regions"]
+    omitted = data["regions_omitted"]
+    assert len(kept) + omitted["count"] == 5000
+    assert omitted["ok"] + sum(r["status"]["status"] == "ok" for r in kept) == 3000
+    # Not-ok proxies come first: a full entry for each that fits before any ok one.
+    assert omitted["ok"] == 3000 - sum(r["status"]["status"] == "ok" for r in kept)
+    assert all(len(r["status"]["report"]["errors"]) <= 10 for r in kept)
+    assert section.warnings[-1].message.startswith("... and ")
+
+    store = store_factory()
+    store.put("workspace_proxy", section)
+    stored = check_section("workspace_proxy", store.latest()["workspace_proxy"])
+    assert stored.to_dict()["regions_omitted"] == omitted
+    assert stored.to_dict()["workspace_proxies"]["regions"] == kept
+    assert stored.codes == section.codes

@@ -29,6 +29,19 @@ Without a licence for workspace proxies, Coder answers the proxy list with its f
 such a deployment, ok with no regions, and deployhealth's own key `note` says why there was
 nothing to check. Any other failure to read the list is EWP02 (error): could not look is not
 "no proxies".
+
+The section stays within SECTION_BUDGET_BYTES of JSON, whatever the number of proxies and
+whatever their reports say, so that it can always be stored (DynamoDB's item limit is
+400 KB) and served (Lambda answers at most 6 MB, a history holds many sections):
+
+- each proxy's report keeps at most REPORT_ENTRIES errors and as many warnings, each cut
+  at ENTRY_CHARS characters;
+- EWP04 lists at most FINDINGS_LISTED problems, then one entry counting the rest; EWP01
+  names at most FINDINGS_LISTED proxies, then counts the rest;
+- `regions` keeps full entries for the proxies that are not ok first, then the ok ones,
+  in their order, while they fit what is left of the budget; the ones left out are
+  counted in deployhealth's key `regions_omitted` (`count`, `ok`, `not_ok`), and the
+  verdict still counts every proxy.
 """
 
 from __future__ import annotations
@@ -75,6 +88,13 @@ PROBE_MARGIN_SECONDS = 0.25
 COLLECT_MARGIN_SECONDS = 0.1
 BUILD_VERSION_HEADER = "X-Coder-Build-Version"
 USER_AGENT = "deployhealth/0.1 (+workspace_proxy check)"
+
+# What the section may weigh as JSON (messages and details): under DynamoDB's 400 KB item
+# limit even if nothing compresses, with room for the item's other attributes.
+SECTION_BUDGET_BYTES = 300_000
+REPORT_ENTRIES = 10
+ENTRY_CHARS = 300
+FINDINGS_LISTED = 50
 
 STATUS_VALUE = {"ok": 1, "unhealthy": -1, "unreachable": -2, "unregistered": 0, "unknown": -3}
 _EPOCH = datetime.min.replace(tzinfo=UTC)
@@ -277,7 +297,18 @@ def _classify(url: str, answer: Fetched, checked_at: datetime) -> _Outcome:
             '{"errors": [...], "warnings": [...]}: the URL is not a workspace proxy'
         )
     errors, warnings = report
-    return _Outcome("unhealthy" if errors else "ok", errors, warnings, checked_at)
+    return _Outcome(
+        "unhealthy" if errors else "ok", _clipped(errors), _clipped(warnings), checked_at
+    )
+
+
+def _clipped(entries: list[str]) -> list[str]:
+    """A proxy's report entries within the per-proxy budget; what is cut says so."""
+    kept = [e if len(e) <= ENTRY_CHARS else e[: ENTRY_CHARS - 1] + "…" for e in entries]
+    if len(kept) > REPORT_ENTRIES:
+        more = len(kept) - (REPORT_ENTRIES - 1)
+        kept = [*kept[: REPORT_ENTRIES - 1], f"... and {more} more not kept"]
+    return kept
 
 
 def _excerpt(body: bytes) -> str:
@@ -339,34 +370,67 @@ def _verdict(
         severity = Severity.WARNING
     # A proxy's error is a warning entry unless the whole section is at error (checks.md).
     error_level = Severity.ERROR if severity is Severity.ERROR else Severity.WARNING
-    findings: list[Finding] = []
+    problems: list[Finding] = []
     for n, proxy in enumerate(proxies):
         outcome = outcomes.get(n)
         if outcome is None:
             continue
-        findings += [Finding("EWP04", f"{proxy.name}: {e}", error_level) for e in outcome.errors]
-        findings += [
+        problems += [Finding("EWP04", f"{proxy.name}: {e}", error_level) for e in outcome.errors]
+        problems += [
             Finding("EWP04", f"{proxy.name}: {w}", Severity.WARNING) for w in outcome.warnings
         ]
+    findings = problems[:FINDINGS_LISTED]
+    if len(problems) > FINDINGS_LISTED:
+        rest = problems[FINDINGS_LISTED:]
+        findings.append(
+            Finding(
+                "EWP04",
+                f"... and {len(rest)} more problems not listed here (the section keeps its size "
+                "bounded): the regions show the proxies that are not ok",
+                Severity.worst(f.severity for f in rest),
+            )
+        )
     unprobed = [p.name for n, p in enumerate(proxies) if n not in outcomes]
     if unprobed:
+        named = ", ".join(unprobed[:FINDINGS_LISTED])
+        if len(unprobed) > FINDINGS_LISTED:
+            named += f" and {len(unprobed) - FINDINGS_LISTED} more"
         findings.append(
             Finding(
                 "EWP01",
                 f"{len(unprobed)} of {len(proxies)} workspace proxies were not probed before the "
-                f"family deadline ({allowance:.1f} s): "
-                + ", ".join(unprobed),
+                f"family deadline ({allowance:.1f} s): {named}",
                 Severity.WARNING,
             )
         )
         severity = Severity.worst([severity, Severity.WARNING])
-    section = Section.from_findings(
-        findings,
-        {"workspace_proxies": {"regions": regions}},
-        healthy=severity is not Severity.ERROR,
-    )
+    details: dict[str, Any] = {"workspace_proxies": {"regions": regions}}
+    used = len(json.dumps([f.message for f in findings]))
+    kept, omitted = _within(regions, SECTION_BUDGET_BYTES - used)
+    if omitted:
+        details = {"workspace_proxies": {"regions": kept}, "regions_omitted": omitted}
+    section = Section.from_findings(findings, details, healthy=severity is not Severity.ERROR)
     section.severity = severity
     return section
+
+
+def _within(
+    regions: list[dict[str, Any]], budget: int
+) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
+    """The regions that fit `budget` bytes of JSON, those not ok first; what was left out."""
+    sizes = [len(json.dumps(r)) + 2 for r in regions]
+    if sum(sizes) <= budget:
+        return regions, None
+    not_ok_first = sorted(range(len(regions)), key=lambda n: regions[n]["status"]["status"] == "ok")
+    keep: set[int] = set()
+    for n in not_ok_first:
+        if sizes[n] <= budget:
+            keep.add(n)
+            budget -= sizes[n]
+    left_out = [r for n, r in enumerate(regions) if n not in keep]
+    ok = sum(1 for r in left_out if r["status"]["status"] == "ok")
+    omitted = {"count": len(left_out), "ok": ok, "not_ok": len(left_out) - ok}
+    return [r for n, r in enumerate(regions) if n in keep], omitted
 
 
 def section_properties(section: Section) -> dict[str, Any]:
