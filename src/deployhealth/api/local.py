@@ -11,12 +11,16 @@ import base64
 import contextlib
 import json
 import logging
+import queue
+import selectors
+import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -28,6 +32,19 @@ App = Callable[[dict[str, Any], Any], dict[str, Any]]
 # bytes (the settings body), so a small cap keeps a stray upload from tying up a thread.
 MAX_BODY_BYTES = 64 * 1024
 _TEXT_TYPES = ("text/", "application/json", "application/x-www-form-urlencoded")
+
+# A load balancer opens a connection per health check, several balancers at once: the listen
+# backlog holds a burst of this many (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 512
+# Requests are answered by at most this many threads; more requests wait for one in turn.
+MAX_WORKERS = 64
+# A connection that has sent nothing yet waits without a thread, for at most this long.
+IDLE_SECONDS = 30.0
+# Each read or write of a connection with a thread must progress within this many seconds:
+# a client that stops half-way through its request gives its thread back by then.
+IO_TIMEOUT_SECONDS = 10.0
+# Connections waiting for their first byte, at most; beyond that the oldest is closed.
+MAX_WAITING = 4096
 
 
 def build_event(
@@ -107,13 +124,27 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body leave in two writes; with Nagle on, a keep-alive client's delayed ACK
     # would hold the body back ~40 ms on every request.
     disable_nagle_algorithm = True
-    # An idle keep-alive connection holds a thread; drop it after a while.
-    timeout = 60
+    # Every socket operation (reading the request, waiting for the next one on a keep-alive
+    # connection, writing the answer) must progress within this time, or the thread is freed.
+    timeout = IO_TIMEOUT_SECONDS
 
-    def do_GET(self) -> None:
-        self._dispatch()
+    def __getattr__(self, name: str) -> Any:
+        # http.server looks up `do_<METHOD>` and answers an HTML 501 when there is none: every
+        # method goes to the app instead, which answers 405 with `Allow` or 404, as JSON.
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
 
-    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # What http.server itself refuses (a bad request line, 414, 431, a bad version) gets
+        # the API's JSON error shape rather than its HTML page. The request was not read in
+        # full, so the connection cannot carry another one.
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "Error"
+        self._send_json(code, f"{phrase}.", message or explain or "")
 
     def _dispatch(self) -> None:
         # Refusals below leave the body unread: close the connection so that it is not
@@ -159,6 +190,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, [("Content-Type", "application/json")], body)
 
     def _send(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+        if self.request_version == "HTTP/0.9":
+            # http.server takes an unparsable request line for HTTP/0.9 and would answer with
+            # a bare body; a status line and headers make the answer one any client reads.
+            self.request_version = "HTTP/1.0"
         self.send_response(status)
         for name, value in headers:
             if name.lower() not in ("content-length", "connection", "transfer-encoding"):
@@ -192,20 +227,129 @@ def _decode_response(response: Any) -> tuple[int, list[tuple[str, str]], bytes]:
     return status, headers, payload
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(HTTPServer):
+    """An HTTP server whose threads are bounded and whose waiting costs no thread.
+
+    The standard ThreadingHTTPServer starts a thread per connection the moment it is
+    accepted: 300 clients that connect and send nothing hold 300 threads. Here an accepted
+    connection waits in a selector, without a thread, until it sends its first byte (or is
+    closed after IDLE_SECONDS); then one of at most MAX_WORKERS threads answers it, each read
+    bounded by IO_TIMEOUT_SECONDS. A client that trickles its request holds a worker until
+    that timeout; when every worker is busy, the next readable connection waits its turn.
+    """
+
     # Port reuse lets `deployhealth serve` restart at once on the same port.
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], app: App) -> None:
         self.app = app
+        self._work: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._idle_workers = 0
+        self._workers_lock = threading.Lock()
+        # Accepted connections reach the waiter thread through this queue and a wake-up pipe.
+        self._arrivals: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._closing = threading.Event()
         super().__init__(address, _Handler)
+        self._waiter = threading.Thread(target=self._wait_loop, name="api-waiter", daemon=True)
+        self._waiter.start()
+
+    # --- accepted connections wait here for their first byte, without a thread ---
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._arrivals.put((request, client_address))
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+
+    def _wait_loop(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_read, selectors.EVENT_READ, None)
+        waiting: dict[socket.socket, tuple[Any, float]] = {}  # insertion order: oldest first
+        try:
+            while not self._closing.is_set():
+                for key, _ in selector.select(timeout=1.0):
+                    if key.data is None:
+                        with contextlib.suppress(OSError):
+                            self._wake_read.recv(4096)
+                        continue
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    selector.unregister(sock)
+                    address, _deadline = waiting.pop(sock)
+                    self._submit(sock, address)
+                while True:
+                    try:
+                        sock, address = self._arrivals.get_nowait()
+                    except queue.Empty:
+                        break
+                    if len(waiting) >= MAX_WAITING:
+                        oldest = next(iter(waiting))
+                        selector.unregister(oldest)
+                        del waiting[oldest]
+                        self.shutdown_request(oldest)
+                    try:
+                        selector.register(sock, selectors.EVENT_READ, True)
+                    except (OSError, ValueError):
+                        self.shutdown_request(sock)
+                        continue
+                    waiting[sock] = (address, time.monotonic() + IDLE_SECONDS)
+                now = time.monotonic()
+                for sock in [s for s, (_, deadline) in waiting.items() if deadline <= now]:
+                    selector.unregister(sock)
+                    del waiting[sock]
+                    self.shutdown_request(sock)
+        finally:
+            for sock in waiting:
+                self.shutdown_request(sock)
+            selector.close()
+
+    # --- a bounded set of worker threads answers readable connections ---
+
+    def _submit(self, request: socket.socket, client_address: Any) -> None:
+        with self._workers_lock:
+            if self._idle_workers == 0 and len(self._workers) < MAX_WORKERS:
+                worker = threading.Thread(
+                    target=self._work_loop, name=f"api-worker-{len(self._workers)}", daemon=True
+                )
+                self._workers.append(worker)
+                worker.start()
+        self._work.put((request, client_address))
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._workers_lock:
+                self._idle_workers += 1
+            item = self._work.get()
+            with self._workers_lock:
+                self._idle_workers -= 1
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up (curl ^C, a load balancer's probe timing out) is not an
         # error of the server's: no traceback on the terminal for it.
         if not isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
             super().handle_error(request, client_address)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._closing.set()
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+        self._waiter.join()
+        for _ in self._workers:
+            self._work.put(None)
+        self._wake_read.close()
+        self._wake_write.close()
 
 
 class LocalApiServer:
@@ -250,4 +394,12 @@ class LocalApiServer:
         self.close()
 
 
-__all__ = ["MAX_BODY_BYTES", "LocalApiServer", "build_event"]
+__all__ = [
+    "IDLE_SECONDS",
+    "IO_TIMEOUT_SECONDS",
+    "LISTEN_BACKLOG",
+    "MAX_BODY_BYTES",
+    "MAX_WORKERS",
+    "LocalApiServer",
+    "build_event",
+]
