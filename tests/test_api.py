@@ -98,9 +98,10 @@ class Api:
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         response = self.session.request(method, self.server.url + path, timeout=60, **kwargs)
         SEEN.append((response.status_code, response.text))
-        check_if_report(
-            path, response.status_code, response.headers.get("content-type"), response.text
-        )
+        if method != "HEAD":  # a HEAD answer has no body to check
+            check_if_report(
+                path, response.status_code, response.headers.get("content-type"), response.text
+            )
         return response
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
@@ -739,19 +740,101 @@ def test_bearer_token_guards_report_history_settings_and_page(make_api: ApiFacto
 # --- errors --------------------------------------------------------------------------------
 
 
-def test_unknown_routes_and_methods_are_404_json(api: Api) -> None:
+def test_unknown_routes_are_404_json_whatever_the_method(api: Api) -> None:
     for method, path in (
         ("GET", "/nope"),
         ("GET", "/api/v2/debug/health/nope"),
-        ("POST", "/healthz"),
-        ("DELETE", "/api/v2/debug/health/settings"),
+        ("HEAD", "/nope"),
+        ("TRACE", "/nope"),
+        ("FROB", "/api/v2/debug/health/nope"),
     ):
         response = api.request(method, path)
         assert response.status_code == 404, path
         assert response.headers["Content-Type"] == "application/json"
-        body = response.json()
-        assert set(body) == {"message", "detail"}
-        assert path in body["detail"]
+        if method != "HEAD":
+            body = response.json()
+            assert set(body) == {"message", "detail"}
+            assert path in body["detail"]
+
+
+GET_ROUTES = (
+    "/healthz",
+    "/readyz",
+    "/readyz/database",
+    "/api/v2/debug/health",
+    "/api/v2/debug/health/history?section=database",
+    "/api/v2/debug/health/settings",
+    "/health",
+)
+
+
+@pytest.mark.parametrize("path", GET_ROUTES)
+def test_head_answers_wherever_get_does_with_the_same_status_and_headers(
+    api: Api, path: str
+) -> None:
+    seed_all_sections(api)
+    get = api.get(path)
+    head = api.request("HEAD", path)
+    # seed_all_sections fails the database: readiness is 503, HEAD says so too.
+    assert head.status_code == get.status_code == (503 if path.startswith("/readyz") else 200)
+    assert head.content == b""
+    skip = {"date"}
+    assert {k.lower(): v for k, v in head.headers.items() if k.lower() not in skip} == {
+        k.lower(): v for k, v in get.headers.items() if k.lower() not in skip
+    }
+
+
+def test_options_answers_with_allow_and_probes_answer_as_get(api: Api) -> None:
+    seed_all_sections(api)
+    settings = api.request("OPTIONS", "/api/v2/debug/health/settings")
+    assert settings.status_code == 204 and settings.content == b""
+    assert settings.headers["Allow"] == "GET, HEAD, OPTIONS, PUT"
+    report = api.request("OPTIONS", "/api/v2/debug/health")
+    assert (report.status_code, report.headers["Allow"]) == (204, "GET, HEAD, OPTIONS")
+    # A load balancer's `option httpchk` sends OPTIONS: on the probes it is their answer.
+    assert api.request("OPTIONS", "/healthz").status_code == 200
+    for path in ("/readyz", "/readyz/database"):
+        probe = api.request("OPTIONS", path)
+        assert probe.status_code == api.get(path).status_code
+        assert probe.headers["Allow"] == "GET, HEAD, OPTIONS"
+    assert api.request("OPTIONS", "/readyz").status_code == 503  # the database is failing
+    api.seed("database", ok_section())
+    assert api.request("OPTIONS", "/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/healthz", "GET, HEAD, OPTIONS"),
+        ("DELETE", "/api/v2/debug/health/settings", "GET, HEAD, OPTIONS, PUT"),
+        ("PUT", "/readyz/database", "GET, HEAD, OPTIONS"),
+        ("TRACE", "/readyz", "GET, HEAD, OPTIONS"),
+        ("PATCH", "/api/v2/debug/health", "GET, HEAD, OPTIONS"),
+        ("FROB", "/health", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_other_methods_on_a_known_route_are_405_json_with_allow(
+    api: Api, method: str, path: str, allow: str
+) -> None:
+    response = api.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allow
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"message", "detail"} and method in body["detail"]
+
+
+def test_head_and_405_in_lambda_events_too(api: Api) -> None:
+    head = api.invoke(http_event("/healthz", method="HEAD"))
+    assert head["statusCode"] == 200
+    refused = api.invoke(http_event("/healthz", method="POST"))
+    assert refused["statusCode"] == 405 and refused["headers"]["Allow"] == "GET, HEAD, OPTIONS"
+    alb_refused = api.invoke(alb_event("/readyz", method="DELETE"))
+    assert alb_refused["statusCode"] == 405
+    assert alb_refused["multiValueHeaders"]["Allow"] == ["GET, HEAD, OPTIONS"]
+    alb_options = api.invoke(alb_event("/api/v2/debug/health/settings", method="OPTIONS"))
+    assert alb_options["statusCode"] == 204
+    assert alb_options["statusDescription"] == "204 No Content"
 
 
 class _BrokenStore(SQLiteStore):

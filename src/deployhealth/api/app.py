@@ -17,10 +17,12 @@ import hmac
 import html
 import json
 import logging
+import math
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from datetime import datetime
 from http import HTTPStatus
 from typing import IO, Any, TypeVar
@@ -54,6 +56,14 @@ logger = logging.getLogger(__name__)
 
 # API Gateway gives a Lambda integration 30 s; a forced run must answer well inside that.
 FORCE_MAX_SECONDS = 25.0
+# A forced run probes the whole deployment: after one ends, the next may start this many
+# seconds later (429 with Retry-After before that). Callers arriving while one is in flight
+# share it instead. Per process: each warm Lambda instance, or one `deployhealth serve`.
+FORCE_MIN_INTERVAL_SECONDS = 10.0
+# Routes a load balancer probes. OPTIONS there answers as GET does (status and body, plus
+# `Allow`): haproxy's `option httpchk` sends OPTIONS unless told otherwise, and a probe
+# that always got 204 would keep a failing server in rotation.
+PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/readyz/<section>"})
 HISTORY_DEFAULT_LIMIT = 50
 HISTORY_MAX_LIMIT = 1000
 HTML_HISTORY_LIMIT = 10
@@ -329,7 +339,7 @@ class ApiApp:
             if not isinstance(event, dict):
                 raise TypeError(f"the event is a {type(event).__name__}, not an object")
             resolver = self.alb if alb else self.http_api
-            response = resolver.resolve(event, lambda_context)
+            response = self._resolve(resolver, event, lambda_context)
             response = self._finish(response, alb)
         except Exception as exc:
             logger.exception("request failed outside the routes")
@@ -346,6 +356,43 @@ class ApiApp:
                 {"message": "Internal error.", "detail": "the response was malformed"},
             )
         return response
+
+    def _resolve(
+        self, resolver: ApiGatewayResolver, event: dict[str, Any], lambda_context: Any
+    ) -> dict[str, Any]:
+        """Resolve, answering for HTTP's methods where Powertools matches only exact ones.
+
+        Powertools finds a route by path and method together, so any other method on a known
+        path would be 404. Here: HEAD is GET (the HTTP layer in front drops the body: the
+        local server, API Gateway and ALB alike), OPTIONS is 204 with `Allow` (on a probe
+        route it answers as GET does, see PROBE_ROUTES), and anything else is 405 with
+        `Allow`. Unknown paths stay 404 whatever the method.
+        """
+        routes = _routes_for(resolver, event)
+        if not routes:
+            return resolver.resolve(event, lambda_context)
+        method = _event_method(event)
+        methods = {route.method for route in routes}
+        if method in methods:
+            return resolver.resolve(event, lambda_context)
+        allow = ", ".join(sorted(methods | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())))
+        if method == "HEAD" and "GET" in methods:
+            return resolver.resolve(_with_method(event, "GET"), lambda_context)
+        if method == "OPTIONS":
+            if "GET" in methods and any(route.path in PROBE_ROUTES for route in routes):
+                response = resolver.resolve(_with_method(event, "GET"), lambda_context)
+                _add_header(response, "Allow", allow)
+                return response
+            return proxy_response(event, 204, "", {"Allow": allow})
+        return error_response(
+            event,
+            405,
+            {
+                "message": "Method not allowed.",
+                "detail": f"{method} is not allowed here; allowed: {allow}.",
+            },
+            {"Allow": allow},
+        )
 
     def _finish(self, response: dict[str, Any], alb: bool) -> dict[str, Any]:
         if response.get("body") is None:
@@ -381,12 +428,58 @@ def status_description(status: int) -> str:
         return str(status)
 
 
+def _routes_for(resolver: ApiGatewayResolver, event: dict[str, Any]) -> list[Any]:
+    """The routes whose path matches the event's, whatever their method (as Powertools
+    matches them); none for an event too malformed to have a path."""
+    try:
+        path = resolver._remove_prefix(resolver._to_proxy_event(event).path)
+        return [
+            route
+            for route in [*resolver._static_routes, *resolver._dynamic_routes]
+            if route.rule.match(path)
+        ]
+    except Exception:  # the resolver itself answers for a malformed event
+        return []
+
+
+def _event_method(event: Mapping[str, Any]) -> str:
+    if is_alb_event(event):
+        return str(event.get("httpMethod", "")).upper()
+    return str(event["requestContext"]["http"]["method"]).upper()
+
+
+def _with_method(event: dict[str, Any], method: str) -> dict[str, Any]:
+    """A copy of the event asking with another method."""
+    if is_alb_event(event):
+        return {**event, "httpMethod": method}
+    request_context = event["requestContext"]
+    http = {**request_context["http"], "method": method}
+    return {**event, "requestContext": {**request_context, "http": http}}
+
+
+def _add_header(response: dict[str, Any], name: str, value: str) -> None:
+    if isinstance(response.get("multiValueHeaders"), dict):
+        response["multiValueHeaders"][name] = [value]
+    else:
+        response.setdefault("headers", {})[name] = value
+
+
 def error_response(
-    event: Mapping[str, Any], status: int, payload: Mapping[str, Any]
+    event: Mapping[str, Any],
+    status: int,
+    payload: Mapping[str, Any],
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A JSON answer built without Powertools, in the shape the event's sender expects."""
     body = json.dumps(payload, separators=(",", ":"))
-    headers = {"Content-Type": JSON}
+    return proxy_response(event, status, body, {"Content-Type": JSON, **(headers or {})})
+
+
+def proxy_response(
+    event: Mapping[str, Any], status: int, body: str, headers: Mapping[str, str]
+) -> dict[str, Any]:
+    """An answer built without Powertools, in the shape the event's sender expects."""
+    headers = dict(headers)
     if is_alb_event(event):
         response: dict[str, Any] = {
             "statusCode": status,
@@ -457,7 +550,7 @@ def _bool_param(query: Mapping[str, str], name: str) -> bool:
     if value in ("false", "0", "no"):
         return False
     raise _bad_request(
-        f"Query parameter {name!r} must be true or false, not {query[name]!r}.",
+        f"Query parameter {name!r} must be true or false, not {_clip(query[name])!r}.",
         f"Example: ?{name}=true",
     )
 
@@ -506,9 +599,12 @@ def _parse_limit(query: Mapping[str, str]) -> int:
     if raw is None or raw.strip() == "":
         return HISTORY_DEFAULT_LIMIT
     text = raw.strip()
-    if not (text.isascii() and text.isdigit()):
+    # Checked for length first: int() of a few thousand digits raises (and costs) before
+    # the range check could say "too large".
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
         raise _bad_request(
-            f"Query parameter 'limit' must be a whole number, not {raw!r}.",
+            f"Query parameter 'limit' must be a whole number from 1 to {HISTORY_MAX_LIMIT}, "
+            f"not {_clip(raw)!r}.",
             f"Between 1 and {HISTORY_MAX_LIMIT}; the default is {HISTORY_DEFAULT_LIMIT}.",
         )
     limit = int(text)
@@ -529,20 +625,25 @@ def _parse_since(query: Mapping[str, str]) -> datetime | None:
         text = text[:-6] + "+" + text[-5:]
     if not _looks_rfc3339(text):
         raise _bad_request(
-            f"Query parameter 'since' must be an RFC 3339 time, not {raw!r}.",
+            f"Query parameter 'since' must be an RFC 3339 time, not {_clip(raw)!r}.",
             "Example: since=2024-05-01T12:00:00Z",
         )
     try:
         return parse_rfc3339(text.upper())
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved past by its offset
         raise _bad_request(
-            f"Query parameter 'since' is not a valid time: {raw!r}.",
+            f"Query parameter 'since' is not a valid time: {_clip(raw)!r}.",
             "Example: since=2024-05-01T12:00:00Z",
         ) from None
 
 
 # fromisoformat alone also takes dates without a time or an offset, which RFC 3339 does not.
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    """A caller's value quoted back in an error, cut short: a 5,000-digit value is not news."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _looks_rfc3339(text: str) -> bool:
@@ -613,9 +714,21 @@ def build_router(ctx: ApiContext) -> Router:
         return {k: v for k, v in (raw.get("queryStringParameters") or {}).items() if v is not None}
 
     def header(name: str) -> str:
-        value = router.current_event.resolved_headers_field.get(name)
-        if isinstance(value, list):
-            value = value[-1] if value else None
+        """A request header's value as sent.
+
+        Not Powertools' `resolved_headers_field`: for HTTP API (payload 2.0) events it
+        splits every value on commas (`APIGatewayProxyEventV2.resolved_headers_field`), and
+        a comma inside a token or an Accept list is part of the value. ALB's multi-value form
+        has no `headers`; there each repeat of a header is one list item, commas untouched.
+        """
+        event = router.current_event
+        value: Any
+        if event.get("headers"):
+            value = event.headers.get(name)
+        else:
+            value = event.resolved_headers_field.get(name)
+            if isinstance(value, list):
+                value = value[-1] if value else None
         return value if isinstance(value, str) else ""
 
     def require_token(app: Any, next_middleware: NextMiddleware) -> Response[Any]:
@@ -635,6 +748,7 @@ def build_router(ctx: ApiContext) -> Router:
         return next_middleware(app)
 
     protected = [require_token]
+    forced_runs = _ForcedRuns(FORCE_MIN_INTERVAL_SECONDS)
 
     # -- liveness and readiness (public) --
 
@@ -720,7 +834,7 @@ def build_router(ctx: ApiContext) -> Router:
         settings = ctx.settings
         store = ctx.store()
         if force:
-            report = forced_report(settings, store)
+            report = forced_runs.run(lambda: forced_report(settings, store))
         else:
             snapshot = store.snapshot()
             report = build_report(settings, snapshot.latest, ctx.dismissed(snapshot.dismissed))
@@ -865,6 +979,58 @@ def build_router(ctx: ApiContext) -> Router:
     return router
 
 
+class _ForcedRuns:
+    """Forced runs, one at a time and at most one per `min_interval` seconds.
+
+    A caller arriving while a forced run is in flight waits for it and gets its report (or
+    its error): 30 concurrent `?force=true` requests probe the deployment once. A new run
+    may start `min_interval` seconds after the last one ended; before that the answer is 429
+    with Retry-After, and the stored results (without ?force) are as fresh as that run.
+    """
+
+    def __init__(self, min_interval: float) -> None:
+        self.min_interval = min_interval
+        self._lock = threading.Lock()
+        self._in_flight: Future[Report] | None = None
+        self._last_end: float | None = None
+
+    def run(self, forced_report: Callable[[], Report]) -> Report:
+        with self._lock:
+            flight = self._in_flight
+            leader = flight is None
+            if flight is None:
+                self._refuse_if_too_soon()
+                flight = self._in_flight = Future()
+        if not leader:
+            return flight.result()  # raises the run's error, as the run's own caller gets it
+        try:
+            report = forced_report()
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        else:
+            flight.set_result(report)
+            return report
+        finally:
+            with self._lock:
+                self._in_flight = None
+                self._last_end = time.monotonic()
+
+    def _refuse_if_too_soon(self) -> None:
+        if self._last_end is None:
+            return
+        wait = self.min_interval - (time.monotonic() - self._last_end)
+        if wait > 0:
+            seconds = max(1, math.ceil(wait))
+            raise ApiError(
+                429,
+                "A forced run ended moments ago.",
+                f"Forced runs start at most once every {self.min_interval:g} s; "
+                f"try again in {seconds} s, or leave out ?force for the stored results.",
+                {"Retry-After": str(seconds)},
+            )
+
+
 def settings_body(dismissed: Iterable[str]) -> dict[str, list[str]]:
     return {"dismissed_healthchecks": [CODER_SECTION_NAMES[name] for name in dismissed]}
 
@@ -874,7 +1040,7 @@ def parse_settings_body(body: str | None) -> list[str]:
     example = 'Example: {"dismissed_healthchecks": ["DERP", "WorkspaceProxy"]}'
     try:
         data = json.loads(body or "")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested `[`
         raise _bad_request("The request body is not valid JSON.", example) from None
     if not isinstance(data, dict):
         raise _bad_request("The request body must be a JSON object.", example)
