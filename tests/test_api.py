@@ -11,7 +11,9 @@ import base64
 import copy
 import io
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -26,8 +28,8 @@ import requests
 from support.coder_schema import check_report
 
 from deployhealth.api import ApiContext, create_app
-from deployhealth.api.app import ApiApp, valid_proxy_response
-from deployhealth.api.local import MAX_BODY_BYTES, LocalApiServer
+from deployhealth.api.app import FORCE_MIN_INTERVAL_SECONDS, ApiApp, valid_proxy_response
+from deployhealth.api.local import MAX_BODY_BYTES, MAX_WORKERS, LocalApiServer
 from deployhealth.checks import FAMILIES
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import SECTION_NAMES, Finding, Section, Severity, rfc3339
@@ -1314,3 +1316,162 @@ def test_a_check_function_does_not_import_the_api() -> None:
             check=True,
         )
         assert result.stdout.strip() == "[]", (family, result.stdout, result.stderr)
+
+
+# --- the HTTP layer under hostile and clumsy clients -----------------------------------------
+
+
+def raw_exchange(server: LocalApiServer, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are on one connection; the status, headers and body of the answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /healthz HTTP/7.0\r\n\r\n", 505),
+        (b"GET /healthz HTTP/1.x\r\n\r\n", 400),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", 431),
+        (b"TRACE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 404),
+        (b"BREW /readyz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    ],
+)
+def test_every_refusal_of_the_local_server_is_the_json_error_shape(
+    api: Api, request_bytes: bytes, status: int
+) -> None:
+    got, headers, body = raw_exchange(api.server, request_bytes)
+    SEEN.append((got, body.decode(errors="replace")))
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert set(json.loads(body)) == {"message", "detail"}
+    assert b"<html" not in body.lower()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/api/v2/debug/health/history?section=database&limit=" + "9" * 5000, None),
+        ("GET", "/api/v2/debug/health/history?section=database&since=0001-01-01T00:00:00%2B05:00",
+         None),
+        ("GET", "/api/v2/debug/health/history?section=database&since=9999-12-31T23:59:59-05:00",
+         None),
+        ("GET", "/api/v2/debug/health?force=" + "t" * 5000, None),
+        ("PUT", "/api/v2/debug/health/settings", "[" * 20_000),
+        ("PUT", "/api/v2/debug/health/settings", '{"dismissed_healthchecks": ' + "[" * 20_000),
+    ],
+)
+def test_hostile_parameters_are_400_and_log_no_traceback(
+    api: Api, caplog: pytest.LogCaptureFixture, method: str, path: str, body: str | None
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        response = api.request(method, path, data=body)
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"message", "detail"}
+    assert len(response.text) < 1000  # a 5,000-character value is not quoted back whole
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+def test_history_at_the_ends_of_time_is_empty_not_an_error(api: Api) -> None:
+    for since in ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "0001-01-01T00:00:00-05:00"):
+        response = api.get("/api/v2/debug/health/history", params={
+            "section": "database", "since": since})
+        assert response.status_code == 200, response.text
+        assert response.json()["results"] == []
+
+
+COMMA_TOKEN = "tok,en-with, commas-PLANTED"
+
+
+def test_a_token_containing_a_comma_authenticates(make_api: ApiFactory) -> None:
+    api = make_api(api_token=Secret(COMMA_TOKEN))
+    good = {"Authorization": f"Bearer {COMMA_TOKEN}"}
+    assert api.get("/api/v2/debug/health/settings", headers=good).status_code == 200
+    # Only the whole token: any comma-separated piece of it is refused.
+    for piece in COMMA_TOKEN.split(","):
+        piece_auth = {"Authorization": f"Bearer {piece.strip()}"}
+        assert api.get("/api/v2/debug/health/settings", headers=piece_auth).status_code == 401
+    # The same through Lambda events: HTTP API 2.0 and ALB in both header forms.
+    path = "/api/v2/debug/health/settings"
+    assert api.invoke(http_event(path, headers={"authorization": good["Authorization"]}))[
+        "statusCode"] == 200
+    for multi_value in (True, False):
+        event = alb_event(path, headers={"authorization": good["Authorization"]},
+                          multi_value=multi_value)
+        assert api.invoke(event)["statusCode"] == 200
+
+
+def test_an_accept_list_with_json_anywhere_gets_json(api: Api) -> None:
+    seed_all_sections(api)
+    response = api.get("/readyz", headers={"Accept": "application/json, text/plain;q=0.5"})
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json()["ready"] is False
+
+
+def test_concurrent_forced_runs_share_one_run_and_a_next_one_waits(
+    make_api: ApiFactory, sim: SimulatedDeployment
+) -> None:
+    forced = make_api(access_url=sim.url)
+    before = sim.served("/healthz")
+    start = threading.Barrier(30)
+    answers: list[requests.Response] = []
+
+    def ask() -> None:
+        start.wait()
+        with requests.Session() as session:
+            answers.append(session.get(f"{forced.server.url}/api/v2/debug/health?force=true",
+                                       timeout=60))
+
+    threads = [threading.Thread(target=ask) for _ in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    SEEN.extend((a.status_code, a.text) for a in answers)
+    statuses = sorted(a.status_code for a in answers)
+    assert set(statuses) <= {200, 429} and 200 in statuses, statuses
+    # One run served them all: the access URL family probed /healthz once (not 30 times),
+    # and every 200 is the same report.
+    assert sim.served("/healthz") - before == 1
+    assert len({a.text for a in answers if a.status_code == 200}) == 1
+    # Right after, a new forced run is refused with Retry-After; the stored report is not.
+    again = forced.get("/api/v2/debug/health?force=true")
+    assert again.status_code == 429
+    assert 1 <= int(again.headers["Retry-After"]) <= FORCE_MIN_INTERVAL_SECONDS
+    assert set(again.json()) == {"message", "detail"}
+    assert forced.get("/api/v2/debug/health").status_code == 200
+    assert sim.served("/healthz") - before == 1
+
+
+def test_idle_and_slow_clients_hold_no_unbounded_threads(api: Api) -> None:
+    baseline = threading.active_count()
+    idle: list[socket.socket] = []
+    try:
+        # 300 connections that send nothing: they wait without a thread.
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", api.server.port), timeout=30))
+        # 20 that stop half-way through their request: each holds a worker until it times out.
+        for _ in range(20):
+            conn = socket.create_connection(("127.0.0.1", api.server.port), timeout=30)
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            idle.append(conn)
+        # Meanwhile the probes answer.
+        with requests.Session() as session:
+            for _ in range(10):
+                assert session.get(f"{api.server.url}/healthz", timeout=30).status_code == 200
+        assert threading.active_count() - baseline <= MAX_WORKERS + 1
+    finally:
+        for conn in idle:
+            conn.close()
