@@ -189,7 +189,8 @@ class HAProxy:
                     self.lines.append(self.log.recv(65536).decode(errors="replace").strip())
         finally:
             self.log.settimeout(EVENT_TIMEOUT)
-        pytest.fail(f"haproxy's checks never all passed: {rows}; log: {self.lines}")
+        states = {b: (r["status"], r["check_status"], r["check_code"]) for b, r in rows.items()}
+        pytest.fail(f"haproxy's checks never all passed: {states}; log: {self.lines}")
 
     def close(self) -> str:
         """Stop haproxy (again is a no-op); what it wrote to stderr."""
