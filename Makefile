@@ -18,7 +18,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/deployhealth demo
 
-# The interop tests talk to real nginx and coturn; installed from Debian when missing.
+# The interop tests talk to real nginx, coturn and haproxy; installed from Debian when missing.
 peers:
 	@bash scripts/install-peers
 

@@ -1,4 +1,4 @@
-"""The real programs the interop tests talk to (nginx, coturn); `make peers` installs them."""
+"""The real programs the interop tests talk to (nginx, coturn, haproxy): `make peers`."""
 
 from __future__ import annotations
 
