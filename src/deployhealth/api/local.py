@@ -128,6 +128,26 @@ class _Handler(BaseHTTPRequestHandler):
     # connection, writing the answer) must progress within this time, or the thread is freed.
     timeout = IO_TIMEOUT_SECONDS
 
+    # Unbuffered: after an answer a keep-alive connection goes back to wait without a thread
+    # (see _Server), and no byte of its next request may be left behind in a buffer here.
+    rbufsize = 0
+
+    def handle(self) -> None:
+        # One request per turn; the server takes the connection back if it stays open.
+        self.close_connection = True
+        self.handle_one_request()
+
+    def _read_body(self, length: int) -> bytes:
+        chunks: list[bytes] = []
+        remaining = length
+        while remaining > 0:
+            chunk = self.rfile.read(remaining)  # unbuffered: may return less than asked
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
     def __getattr__(self, name: str) -> Any:
         # http.server looks up `do_<METHOD>` and answers an HTML 501 when there is none: every
         # method goes to the app instead, which answers 405 with `Allow` or 404, as JSON.
@@ -165,7 +185,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send_json(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
             return
-        body = self.rfile.read(length) if length else b""
+        body = self._read_body(length)
+        if len(body) < length:  # the client hung up half-way through its body
+            self.close_connection = True
+            return
         event = build_event(
             self.command,
             self.path,
@@ -233,9 +256,10 @@ class _Server(HTTPServer):
     The standard ThreadingHTTPServer starts a thread per connection the moment it is
     accepted: 300 clients that connect and send nothing hold 300 threads. Here an accepted
     connection waits in a selector, without a thread, until it sends its first byte (or is
-    closed after IDLE_SECONDS); then one of at most MAX_WORKERS threads answers it, each read
-    bounded by IO_TIMEOUT_SECONDS. A client that trickles its request holds a worker until
-    that timeout; when every worker is busy, the next readable connection waits its turn.
+    closed after IDLE_SECONDS); then one of at most MAX_WORKERS threads answers one request,
+    each read bounded by IO_TIMEOUT_SECONDS, and a keep-alive connection goes back to the
+    selector to wait for its next request. A client that trickles its request holds a worker
+    until that timeout; when every worker is busy, the next readable connection waits its turn.
     """
 
     # Port reuse lets `deployhealth serve` restart at once on the same port.
@@ -247,6 +271,7 @@ class _Server(HTTPServer):
         self._work: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._idle_workers = 0
+        self._unclaimed = 0
         self._workers_lock = threading.Lock()
         # Accepted connections reach the waiter thread through this queue and a wake-up pipe.
         self._arrivals: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
@@ -309,7 +334,10 @@ class _Server(HTTPServer):
 
     def _submit(self, request: socket.socket, client_address: Any) -> None:
         with self._workers_lock:
-            if self._idle_workers == 0 and len(self._workers) < MAX_WORKERS:
+            # A new worker only when the connections not yet taken outnumber the idle workers
+            # (an idle worker that has not yet taken its connection is not free).
+            self._unclaimed += 1
+            if self._unclaimed > self._idle_workers and len(self._workers) < MAX_WORKERS:
                 worker = threading.Thread(
                     target=self._work_loop, name=f"api-worker-{len(self._workers)}", daemon=True
                 )
@@ -324,15 +352,27 @@ class _Server(HTTPServer):
             item = self._work.get()
             with self._workers_lock:
                 self._idle_workers -= 1
+                if item is not None:
+                    self._unclaimed -= 1
             if item is None:
                 return
             request, client_address = item
+            keep_open = False
             try:
-                self.finish_request(request, client_address)
+                keep_open = self.finish_request(request, client_address)
             except Exception:
                 self.handle_error(request, client_address)
-            finally:
+            if keep_open and not self._closing.is_set():
+                # Keep-alive: the connection waits for its next request without a thread.
+                self.process_request(request, client_address)
+            else:
                 self.shutdown_request(request)
+
+    def finish_request(self, request: Any, client_address: Any) -> bool:  # type: ignore[override]
+        """Answer one request; True when the connection stays open for another."""
+        handler = self.RequestHandlerClass(request, client_address, self)
+        assert isinstance(handler, _Handler)
+        return not handler.close_connection
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up (curl ^C, a load balancer's probe timing out) is not an
