@@ -1475,3 +1475,26 @@ def test_idle_and_slow_clients_hold_no_unbounded_threads(api: Api) -> None:
     finally:
         for conn in idle:
             conn.close()
+
+
+def test_pipelined_and_keep_alive_requests_all_get_their_answers(api: Api) -> None:
+    # Three requests in one write, the last closing: each answered in order, none lost while
+    # the connection goes back to wait between them.
+    body = b'{"dismissed_healthchecks": ["DERP"]}'
+    pipelined = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"PUT /api/v2/debug/health/settings HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() +
+        b"\r\n\r\n" + body +
+        b"GET /api/v2/debug/health/settings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", api.server.port), timeout=30) as conn:
+        conn.sendall(pipelined)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 3, answer
+    assert answer.endswith(b'{"dismissed_healthchecks":["DERP"]}')
+    with requests.Session() as session:
+        for _ in range(20):
+            assert session.get(f"{api.server.url}/healthz", timeout=30).text == "OK"
