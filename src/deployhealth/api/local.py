@@ -374,6 +374,19 @@ class _Server(HTTPServer):
         assert isinstance(handler, _Handler)
         return not handler.close_connection
 
+    def shutdown_request(self, request: Any) -> None:
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+        # Closing a socket with unread input sends RST instead of FIN, and a RST can destroy
+        # the answer still on its way (a refused request is seldom read to its end): drop
+        # what has already arrived first, without waiting for more.
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            for _ in range(16):
+                if not request.recv(65536):
+                    break
+        self.close_request(request)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up (curl ^C, a load balancer's probe timing out) is not an
         # error of the server's: no traceback on the terminal for it.
