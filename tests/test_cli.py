@@ -239,9 +239,12 @@ def test_codes_into_a_closed_pipe_is_not_a_traceback(tmp_path):
 class ServeProcess:
     """`deployhealth serve` (or `demo`) in the background; its stderr lines are events."""
 
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], cwd: Path, *, prefix: tuple[str, ...] = ()
+    ) -> None:
+        # `prefix`: a command that runs `deployhealth` with other rights (setpriv).
         self.proc = subprocess.Popen(
-            [COMMAND, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            [*prefix, COMMAND, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
             text=True, env=env, cwd=cwd,
         )
         self.lines: queue.Queue[str] = queue.Queue()

@@ -5,6 +5,8 @@ what is checked is what a user sees: the store's answers and `deployhealth serve
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,8 @@ from deployhealth.model import FUTURE_TOLERANCE_SECONDS, Finding, Section, Sever
 from deployhealth.settings import Settings
 from deployhealth.store import ResultStore, StoreUnavailable
 from deployhealth.store.sqlite import SQLiteStore
+
+NOBODY = 65534
 
 
 def section(checked_at: datetime, severity: Severity = Severity.OK, **details: object) -> Section:
@@ -356,3 +360,141 @@ def test_serve_recreates_a_deleted_store_file_and_loses_nothing(healthy_env, tmp
         assert len(store.history("access_url")) >= 2  # written back, then the next rounds
     finally:
         store.close()
+
+
+# --- `deployhealth serve` on a disk that fills up, on a file it may not open --------------
+
+
+def stored_stamps(path: Path, name: str) -> list[datetime]:
+    """The `checked_at` of every stored result of `name`, read by another process (this one)."""
+    store = SQLiteStore(str(path), "cli-test", 7)
+    try:
+        return [s.checked_at for s in store.history(name, limit=10_000)]
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB file system (tmpfs), mounted for the test and unmounted after it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; CI runs as root, so it runs there")
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mountpoint)],
+        check=True, capture_output=True,
+    )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True, capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the file system refuses another byte; returns it."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as out:
+        chunk = b"\0" * 65536
+        while chunk:
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                chunk = chunk[: len(chunk) // 2]
+    assert shutil.disk_usage(disk).free == 0
+    return filler
+
+
+def test_serve_on_a_full_disk_names_it_loses_nothing_and_recovers(
+    healthy_env, tmp_path, small_disk
+):
+    path = small_disk / "results.db"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{path}"}
+    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    try:
+        server.wait_for("round:")
+        assert readyz(base).status_code == 200
+        before = stored_stamps(path, "access_url")
+        assert before
+
+        filler = fill(small_disk)
+        # The first round that cannot write says so on stderr, naming the store.
+        warning = server.wait_for("store: result store")
+        assert f"sqlite:///{path} is unavailable: " in warning
+        assert f"disk is full: no space left on the file system of {small_disk}" in warning
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+        down = readyz(base)
+        assert down.status_code == 503
+        assert f"result store sqlite:///{path} is unavailable: " in down.text
+        assert f"no space left on the file system of {small_disk}" in down.text
+
+        filler.unlink()
+        server.next_round_started_after_now()
+        up = readyz(base)
+        assert up.status_code == 200, up.text
+    finally:
+        assert server.stop() == 0
+
+    after = stored_stamps(path, "access_url")
+    # Nothing stored before the disk filled is lost, and the rounds after it were stored.
+    assert set(before) <= set(after)
+    assert max(after) > max(before)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+@pytest.mark.parametrize("mode", [0o600, 0o644], ids=["unreadable", "read-only"])
+def test_serve_names_a_store_file_it_has_no_permission_for_and_recovers(
+    healthy_env, tmp_path, mode
+):
+    """The store file belongs to another user (mode 0600: `serve` may not open it; 0644: it
+    may only read it), then is given to the user `serve` runs as.
+
+    `serve` runs as root *without capabilities* (setpriv drops them all, as a container with
+    `capabilities: drop: [ALL]` does): the kernel then checks file permissions as for any
+    user. An unprivileged uid (nobody) is not used because it could not start the test's
+    interpreter where the virtualenv links to a Python under /root (mode 0700).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("giving the store file to another user needs root; CI runs as root")
+    path = tmp_path / "results.db"
+    earlier = section(now() - timedelta(minutes=10), which="earlier")
+    store = SQLiteStore(str(path), "cli-test", 7)
+    store.put("access_url", earlier)
+    store.close()
+    os.chown(path, NOBODY, NOBODY)
+    path.chmod(mode)
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{path}"}
+    without_rights = ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--")
+    server = ServeProcess(
+        ["serve", "--port", str(port), "--interval", "1"], env, tmp_path, prefix=without_rights
+    )
+    try:
+        server.wait_for("deployhealth serving")
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+        down = readyz(base)
+        assert down.status_code == 503
+        assert f"result store sqlite:///{path} is unavailable: " in down.text
+        assert f"no permission to read and write {path}" in down.text
+        server.wait_for("round:")
+
+        os.chown(path, 0, 0)
+        server.next_round_started_after_now()
+        up = readyz(base)
+        assert up.status_code == 200, up.text
+    finally:
+        assert server.stop() == 0
+
+    # What was in the file before is still there, under the rounds stored since.
+    history = SQLiteStore(str(path), "cli-test", 7)
+    try:
+        stored = history.history("access_url", limit=1000)
+        assert stored[-1].details == {"which": "earlier"}
+        assert len(stored) >= 2
+    finally:
+        history.close()

@@ -10,7 +10,10 @@ Faults it recovers from by itself (docs/design.md, "Result store"):
 - the file deleted or replaced under a running process is noticed before every operation
   (the path's device and inode against those opened): the file is opened again (recreated
   if gone), the latest results and dismissed sections this process holds are written back,
-  and a warning is logged.
+  and a warning is logged;
+- a file it has no right to read and write (or a directory it may not create the journal in)
+  is refused on opening with "no permission ...", rather than opened read-only in silence;
+- a full disk fails the write, rolled back; the fault says the file system has no space.
 """
 
 from __future__ import annotations
@@ -216,6 +219,11 @@ class SQLiteStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():
                 raise StoreUnavailable(self.description, "it is a directory, not a database file")
+            # Asked before SQLite: it opens a file it may only read without a word (every
+            # write fails later) and says only "unable to open" for one it may not read.
+            denied = self._access_problem()
+            if denied:
+                raise StoreUnavailable(self.description, denied)
             # isolation_level=None: no implicit transactions; every write is one explicit
             # BEGIN IMMEDIATE ... COMMIT, rolled back on any error (see _write).
             writer = sqlite3.connect(
@@ -251,7 +259,7 @@ class SQLiteStore:
                 result = work(db)
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._fault = _problem(exc)
+                self._fault = self._with_space(_problem(exc))
                 self._roll_back(db)
                 raise StoreUnavailable(self.description, self._fault) from None
             self._fault = ""
@@ -333,6 +341,39 @@ class SQLiteStore:
             self._roll_back(db)
             raise StoreUnavailable(self.description, _problem(exc)) from None
         return len(self._held_latest)
+
+    def _with_space(self, problem: str) -> str:
+        """`problem`, saying so when the file system is full: SQLite's "database or disk is
+        full" leaves the operator to guess which, and "disk I/O error" does not say it."""
+        if self._in_memory:
+            return problem
+        directory = os.path.dirname(os.path.abspath(self._path))
+        try:
+            full = os.statvfs(directory).f_bavail == 0
+        except OSError:
+            return problem
+        return f"{problem}: no space left on the file system of {directory}" if full else problem
+
+    def _access_problem(self) -> str:
+        """Why this process cannot read and write the file, its journal or its directory.
+
+        Only checked on opening: rights taken away later do not touch the descriptors open.
+        """
+        for path in (self._path, self._path + "-wal", self._path + "-shm"):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # SQLite creates it, if the directory lets it (checked below)
+            except PermissionError:
+                return f"no permission to read and write {path} (uid {os.geteuid()})"
+            except OSError as exc:
+                return f"cannot open {path}: {exc.strerror}"
+            os.close(fd)
+        directory = os.path.dirname(os.path.abspath(self._path))
+        # effective_ids: the rights this process has, not its real user's.
+        if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+            return f"no permission to create files in {directory} (uid {os.geteuid()})"
+        return ""
 
     def _close_connections(self) -> None:
         for db in {id(c): c for c in (self._writer, self._reader)}.values():
