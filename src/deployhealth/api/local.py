@@ -56,9 +56,14 @@ def build_event(
     protocol: str = "HTTP/1.1",
 ) -> dict[str, Any]:
     """An HTTP API payload-2.0 event for one request, as API Gateway would send it."""
-    parts = urlsplit(target)
-    path = parts.path or "/"
-    raw_query = parts.query
+    if target.startswith("/"):
+        # Origin form, as clients send it: urlsplit would read "//readyz" as a host name
+        # and "///readyz" as "/readyz"; the path is everything before "?" as sent.
+        path, _, raw_query = target.partition("?")
+        raw_query = raw_query.partition("#")[0]
+    else:
+        parts = urlsplit(target)  # absolute form ("http://host/path"), as proxies send it
+        path, raw_query = parts.path or "/", parts.query
 
     # API Gateway lower-cases header names and joins repeated headers with commas; cookies
     # move to their own list.
