@@ -146,7 +146,10 @@ settings_puts = st.tuples(
 )
 
 
-@settings(max_examples=400, deadline=None,
+# The same 400 examples on every run, so that CI's verdict is the one seen here. To explore
+# new ones, run it with derandomize=False and a larger max_examples, and keep what it finds
+# as an @example.
+@settings(max_examples=400, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 # Once found by the fuzzer: http.server serves "//readyz" as /readyz.
 @example(request=("GET", "//readyz", {}, None, None), accept=None)
