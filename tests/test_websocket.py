@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from support.coder_schema import check_section
+from support.hostile import OPCODE_CONT, OPCODE_TEXT, measured, ws_accept, ws_frame, ws_frame_header
 from support.peers import running_nginx
 from support.tls import CertAuthority
 
@@ -28,7 +29,7 @@ from deployhealth.metrics import MetricsSink
 from deployhealth.model import Section, Severity
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import SimRequest, SimulatedDeployment
-from deployhealth.sim.tcp import BlackHoleServer, free_port
+from deployhealth.sim.tcp import BlackHoleServer, ScriptedServer, free_port
 from deployhealth.sim.ws import accept_websocket
 from deployhealth.store.sqlite import SQLiteStore
 
@@ -201,6 +202,63 @@ def test_server_that_never_answers_returns_within_the_deadline() -> None:
     assert elapsed < 1.5 + 1.0
     assert codes(section) == ["EWS01"]
     assert "timeout" in message(section, "EWS01")
+
+
+# --- hostile servers: memory and time stay bounded -----------------------------------
+
+# Far below what the peers offer (2**62 bytes, or a stream without end), far above the caps.
+MEMORY_BOUND = 8 * 1024 * 1024
+
+
+def test_endless_handshake_head_is_ews01_in_bounded_memory() -> None:
+    junk = b"X-Junk: " + b"a" * 4096 + b"\r\n"
+    with ScriptedServer(reply=b"HTTP/1.1 101 Switching Protocols\r\n", stream=junk) as server:
+        section, cost = measured(lambda: run(f"http://127.0.0.1:{server.port}", deadline=5.0))
+    assert codes(section) == ["EWS01"]
+    assert "the response head is longer than 65536 bytes" in message(section, "EWS01")
+    assert cost.peak < MEMORY_BOUND
+    assert cost.elapsed < 5.0
+
+
+def test_frame_announcing_2_to_the_62_bytes_is_ews03_before_reading_it() -> None:
+    script = ws_accept(ws_frame_header(OPCODE_TEXT, 2**62))
+    with ScriptedServer(reply=script, stream=b"\0" * 65536) as server:
+        section, cost = measured(lambda: run(f"http://127.0.0.1:{server.port}", deadline=5.0))
+    assert section.to_dict()["code"] == 101
+    assert codes(section) == ["EWS03"]
+    assert message(section, "EWS03") == (
+        "received incorrect message: the server sent a frame announcing 4611686018427387904 "
+        'bytes, above the 65536-byte limit of this client, wanted "0"'
+    )
+    assert cost.peak < MEMORY_BOUND
+    assert cost.elapsed < 5.0
+
+
+def test_continuation_frames_without_end_are_ews03_at_the_message_cap() -> None:
+    piece = b"a" * 16384
+    script = ws_accept(ws_frame(OPCODE_TEXT, piece, fin=False))
+    with ScriptedServer(reply=script, stream=ws_frame(OPCODE_CONT, piece, fin=False)) as server:
+        section, cost = measured(lambda: run(f"http://127.0.0.1:{server.port}", deadline=5.0))
+        sent = server.sent
+    assert codes(section) == ["EWS03"]
+    assert "a fragmented message of more than 65536 bytes" in message(section, "EWS03")
+    assert sent > 65536  # the peer offered more than the cap, and it was not all kept
+    assert cost.peak < MEMORY_BOUND
+    assert cost.elapsed < 5.0
+
+
+def test_a_message_trickling_without_end_is_ews02_at_the_deadline() -> None:
+    # Every frame arrives well within a socket timeout: only a stop in time ends the read.
+    script = ws_accept(ws_frame(OPCODE_TEXT, b"a", fin=False))
+    stream = ws_frame(OPCODE_CONT, b"a", fin=False)
+    with ScriptedServer(reply=script, stream=stream, interval=0.02) as server:
+        section, cost = measured(lambda: run(f"http://127.0.0.1:{server.port}", deadline=2.0))
+    assert codes(section) == ["EWS02"]
+    assert message(section, "EWS02") == (
+        "read message: timeout: the time ran out with a message still arriving"
+    )
+    assert cost.elapsed < 2.0 + 0.5
+    assert cost.peak < MEMORY_BOUND
 
 
 # --- the echo (EWS02, EWS03) --------------------------------------------------------

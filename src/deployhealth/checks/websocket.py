@@ -67,10 +67,7 @@ a point every minute.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -80,6 +77,7 @@ from typing import Any
 import websocket
 from websocket import ABNF
 
+from deployhealth import wsclient
 from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.model import Finding, Section, Severity, parse_rfc3339, rfc3339, utcnow
 from deployhealth.net import (
@@ -88,27 +86,28 @@ from deployhealth.net import (
     connect_tcp,
     error_text,
     parse_access_url,
-    phase_timeout,
     resolve_host,
     tls_context,
     tls_handshake,
 )
 from deployhealth.settings import Settings, SettingsError
+from deployhealth.wsclient import BoundedWebSocket, MessageTimeout, MessageTooLarge
+from deployhealth.wsclient import Refused as _Refused
 
 PATH = "/api/v2/debug/ws"
 ECHO_TIMEOUT_SECONDS = 5.0
 # Kept back from the idle window for sending "3", reading it and closing.
 FINAL_ECHO_RESERVE_SECONDS = 2.0
 CLOSE_WAIT_SECONDS = 1.0
-BODY_CAP = 4 * 1024
-HEAD_CAP = 64 * 1024
+# The echoes are one character each; a message above this is not an echo, and is refused
+# before it is read (a hostile server could otherwise announce 2**63 bytes and stream them).
+MESSAGE_CAP = 64 * 1024
 # Three idle-probe intervals of 15 minutes, as staleness counts three check intervals.
 IDLE_VERDICT_MAX_AGE_SECONDS = 45 * 60.0
 ECHO_MESSAGES = ("0", "1", "2")
 IDLE_MESSAGE = "3"
 USER_AGENT = "deployhealth/0.1 (+websocket check)"
 
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 _IDLE_KEYS = (
     "idle_seconds",
     "idle_seconds_configured",
@@ -117,17 +116,6 @@ _IDLE_KEYS = (
     "server_pings",
     "idle_checked_at",
 )
-
-
-class _Refused(Exception):
-    """The server answered the upgrade with something other than 101."""
-
-    def __init__(self, status: int, reason: str, headers: dict[str, str], body: str) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.body = body
 
 
 @dataclass(frozen=True)
@@ -217,12 +205,12 @@ def _section(findings: list[Finding], details: dict[str, Any]) -> Section:
 
 def _dial(
     target: _Target, token: str | None, budget: Deadline, details: dict[str, Any]
-) -> websocket.WebSocket:
+) -> BoundedWebSocket:
     sock: socket.socket = connect_tcp(resolve_host(target.host, target.port, budget), budget)
     try:
         if target.tls:
             sock = tls_handshake(sock, tls_context(), target.host, budget)
-        key = base64.b64encode(os.urandom(16)).decode()
+        key = wsclient.new_key()
         lines = [
             f"GET {PATH} HTTP/1.1",
             f"Host: {target.authority}",
@@ -234,113 +222,19 @@ def _dial(
         ]
         if token:
             lines.append(f"Coder-Session-Token: {token}")
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        try:
-            sock.settimeout(phase_timeout(budget, "sending the upgrade request"))
-            sock.sendall(request)
-        except TimeoutError:
-            raise PhaseError("sending the upgrade request", "stalled", timed_out=True) from None
-        except OSError as exc:
-            raise PhaseError("sending the upgrade request", error_text(exc)) from None
-        status, reason, headers = _read_head(sock, budget)
+        wsclient.send_upgrade(sock, budget, lines)
+        status, reason, headers = wsclient.read_head(sock, budget)
         details["code"] = status
         if status != 101:
-            body = _read_body(sock, headers, budget)
+            body = wsclient.read_body(sock, headers, budget)
             details["body"] = body
             raise _Refused(status, reason, headers, body)
-        _check_upgrade(headers, key)
+        wsclient.check_upgrade(headers, key)
     except BaseException:
         sock.close()
         raise
-    # websocket-client takes over for the frames; the handshake above replaces its own.
-    ws = websocket.WebSocket(enable_multithread=False)
-    ws.sock = sock
-    ws.connected = True
-    return ws
-
-
-def _recv_some(sock: socket.socket, budget: Deadline, phase: str, size: int) -> bytes:
-    timeout = phase_timeout(budget, phase)
-    try:
-        sock.settimeout(timeout)
-        return sock.recv(size)
-    except TimeoutError:
-        raise PhaseError(phase, f"nothing received for {timeout:.1f} s", timed_out=True) from None
-    except OSError as exc:
-        raise PhaseError(phase, error_text(exc)) from None
-
-
-def _read_head(sock: socket.socket, budget: Deadline) -> tuple[int, str, dict[str, str]]:
-    """The status line and headers, read byte by byte up to the blank line.
-
-    Never further: the frames right behind a 101 belong to websocket-client.
-    """
-    phase = "waiting for the handshake response"
-    head = bytearray()
-    while not head.endswith(b"\r\n\r\n"):
-        if len(head) >= HEAD_CAP:
-            raise PhaseError(phase, f"the response head is longer than {HEAD_CAP} bytes")
-        byte = _recv_some(sock, budget, phase, 1)
-        if not byte:
-            shown = "before answering" if not head else "in the middle of the response head"
-            raise PhaseError(phase, f"the server closed the connection {shown}")
-        head += byte
-    text = head.decode("latin-1")
-    status_line, *header_lines = text.split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        raise PhaseError(phase, f"not an HTTP response: {status_line[:80]!r}")
-    headers: dict[str, str] = {}
-    for line in header_lines:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
-
-
-def _read_body(sock: socket.socket, headers: dict[str, str], budget: Deadline) -> str:
-    """Up to BODY_CAP bytes of a refused handshake's body; a failure keeps what came."""
-    declared = headers.get("content-length", "")
-    wanted = min(int(declared), BODY_CAP) if declared.isdigit() else BODY_CAP
-    body = bytearray()
-    try:
-        while len(body) < wanted:
-            chunk = _recv_some(sock, budget, "reading the response body", wanted - len(body))
-            if not chunk:
-                break
-            body += chunk
-    except PhaseError:
-        pass  # the status is the finding; a partial body is still worth keeping
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = _dechunk(bytes(body))
-    return body.decode("utf-8", errors="replace")
-
-
-def _dechunk(data: bytes) -> bytearray:
-    out = bytearray()
-    while data:
-        size_line, sep, rest = data.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-        except ValueError:
-            break
-        if not sep or size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2 :]
-    return out
-
-
-def _check_upgrade(headers: dict[str, str], key: str) -> None:
-    phase = "handshake"
-    if headers.get("upgrade", "").lower() != "websocket":
-        raise PhaseError(phase, "101 without 'Upgrade: websocket'")
-    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    if "upgrade" not in tokens:
-        raise PhaseError(phase, "101 without 'Connection: Upgrade'")
-    expected = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
-    if headers.get("sec-websocket-accept", "") != expected:
-        raise PhaseError(phase, "101 with a wrong Sec-WebSocket-Accept")
+    # websocket-client takes over for the frames (bounded); the handshake above replaces its own.
+    return BoundedWebSocket(sock, max_message=MESSAGE_CAP)
 
 
 def _refusal(refused: _Refused, token: str | None) -> str:
@@ -383,7 +277,7 @@ def _coder_message(body: str) -> str:
 
 
 def _exchange(
-    ws: websocket.WebSocket, text: str, budget: Deadline, pings: _Pings
+    ws: BoundedWebSocket, text: str, budget: Deadline, pings: _Pings
 ) -> Finding | None:
     """Send `text`, read its echo; the finding when it went wrong (EWS02 or EWS03)."""
     try:
@@ -397,6 +291,10 @@ def _exchange(
         opcode, data = _read_message(ws, budget, pings)
     except DeadlineExceeded:
         return _ews02("read message: no answer before the deadline")
+    except MessageTooLarge as exc:
+        return Finding(
+            "EWS03", f"received incorrect message: {exc}, wanted {json.dumps(text)}", Severity.ERROR
+        )
     except (websocket.WebSocketException, OSError) as exc:
         return _ews02(f"read message: {_ws_error(exc)}")
     if opcode == ABNF.OPCODE_CLOSE:
@@ -420,8 +318,12 @@ def _ews02(message: str) -> Finding:
     return Finding("EWS02", message, Severity.ERROR)
 
 
-def _read_message(ws: websocket.WebSocket, budget: Deadline, pings: _Pings) -> tuple[int, bytes]:
-    """The next data or close frame; pings are answered (by websocket-client) and counted."""
+def _read_message(ws: BoundedWebSocket, budget: Deadline, pings: _Pings) -> tuple[int, bytes]:
+    """The next data or close frame; pings are answered (by websocket-client) and counted.
+
+    Never past the budget, however fast frames come, and never more than MESSAGE_CAP bytes.
+    """
+    ws.until(budget.at)
     while True:
         ws.settimeout(budget.timeout(ECHO_TIMEOUT_SECONDS))
         opcode, frame = ws.recv_data_frame(control_frame=True)
@@ -442,6 +344,8 @@ def _close_text(payload: bytes) -> str:
 
 
 def _ws_error(exc: BaseException) -> str:
+    if isinstance(exc, MessageTimeout):
+        return f"timeout: {exc}"
     if isinstance(exc, websocket.WebSocketTimeoutException):
         return "timeout: no answer in time"
     if isinstance(exc, websocket.WebSocketConnectionClosedException):
@@ -455,7 +359,7 @@ def _ws_error(exc: BaseException) -> str:
 
 
 def _idle(
-    ws: websocket.WebSocket, configured: float, deadline: Deadline, details: dict[str, Any]
+    ws: BoundedWebSocket, configured: float, deadline: Deadline, details: dict[str, Any]
 ) -> list[Finding]:
     window = min(configured, deadline.remaining() - FINAL_ECHO_RESERVE_SECONDS)
     if window <= 0:
@@ -465,6 +369,7 @@ def _idle(
     started = time.monotonic()
     end = started + window
     how: str | None = None
+    ws.until(end)
     while how is None:
         left = end - time.monotonic()
         if left <= 0.001:
@@ -477,6 +382,18 @@ def _idle(
             break
         except websocket.WebSocketConnectionClosedException:
             how = "the connection was dropped without a close frame"
+        except MessageTooLarge as exc:
+            # Not a proxy's cut but a server breaking the protocol: EWS03, and no idle verdict.
+            details["server_pings"] = pings.count
+            details["idle_checked_at"] = rfc3339(utcnow())
+            details["idle_inconclusive"] = f"the idle window could not be tested: {exc}"
+            return [
+                Finding(
+                    "EWS03",
+                    f"received incorrect message during the idle window: {exc}",
+                    Severity.ERROR,
+                )
+            ]
         except (websocket.WebSocketException, OSError) as exc:
             how = f"the connection failed: {_ws_error(exc)}"
         else:
@@ -531,7 +448,7 @@ def _idle_message(lasted: float, window: float, pings: int, how: str) -> str:
     return text
 
 
-def _close(ws: websocket.WebSocket, deadline: Deadline) -> None:
+def _close(ws: BoundedWebSocket, deadline: Deadline) -> None:
     """Close with 1001 "goodbye" as Coder does, waiting for the answer only while time is left."""
     try:
         left = deadline.remaining()

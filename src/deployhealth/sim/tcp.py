@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Self
 
 from deployhealth.sim._service import Service
@@ -477,7 +478,9 @@ class ScriptedServer(_LoopbackService):
     foreign peer where a client expects its own protocol.
 
     - ``banner`` is sent as soon as the connection is accepted (an SSH server's greeting);
-    - ``reply`` once the client has sent its first bytes (an answer to any request);
+    - ``reply`` once the client has sent its first bytes (an answer to any request), or,
+      when it is a function, its answer to the request's head (the bytes up to the blank
+      line, at most 64 KiB): a peer that must echo something back, such as a WebSocket key;
     - ``stream`` then over and over, every ``interval`` seconds (0: as fast as the client
       reads), until the client goes away or the server closes: a peer that never stops.
 
@@ -489,7 +492,7 @@ class ScriptedServer(_LoopbackService):
         self,
         *,
         banner: bytes = b"",
-        reply: bytes = b"",
+        reply: bytes | Callable[[bytes], bytes] = b"",
         stream: bytes = b"",
         interval: float = 0.0,
     ) -> None:
@@ -542,7 +545,15 @@ class ScriptedServer(_LoopbackService):
         try:
             if self._banner:
                 conn.sendall(self._banner)
-            if self._reply:
+            if callable(self._reply):
+                head = bytearray()
+                while b"\r\n\r\n" not in head and len(head) < _RECV_SIZE:
+                    data = conn.recv(_RECV_SIZE)
+                    if not data:
+                        return
+                    head += data
+                conn.sendall(self._reply(bytes(head)))
+            elif self._reply:
                 if not conn.recv(_RECV_SIZE):
                     return
                 conn.sendall(self._reply)
