@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import http.server
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -22,6 +23,14 @@ from typing import Any
 
 import pytest
 from support.coder_schema import check_section
+from support.hostile import (
+    OPCODE_BINARY,
+    OPCODE_CONT,
+    measured,
+    ws_accept,
+    ws_frame,
+    ws_frame_header,
+)
 from support.peers import require_program, running_nginx
 
 from deployhealth import readiness
@@ -41,7 +50,7 @@ from deployhealth.settings import Settings
 from deployhealth.sim.deployment import SimulatedDeployment
 from deployhealth.sim.derp import DerpServer
 from deployhealth.sim.stun import StunServer, servers_of
-from deployhealth.sim.tcp import BlackHoleServer, free_port
+from deployhealth.sim.tcp import BlackHoleServer, ScriptedServer, free_port
 from deployhealth.wire import derp as wire
 from deployhealth.wire import stun as stun_wire
 
@@ -646,6 +655,119 @@ def test_family_returns_within_its_deadline_against_black_holes(stun_servers):
     report = node_report(section, 8)
     assert report["severity"] == "error"
     assert "no answer in time" in report["error"] and "no STUN answer" in report["error"]
+
+
+# --- hostile relays and map servers: memory and time stay bounded ---------------------------
+
+# Far below what the peers offer (4 GiB or 2**62 announced, or streams without end), and
+# above the caps (1 MiB DERP frames, 2 MiB WebSocket messages, a 1 MiB map).
+MEMORY_BOUND = 24 * 1024 * 1024
+DERP_101 = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+ZEROS = b"\0" * 65536
+
+
+def refuse_derp_then(websocket_reply: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """Refuse `Upgrade: DERP` with 426 as Coder does without the header; the WebSocket gets
+    `websocket_reply`."""
+
+    def reply(head: bytes) -> bytes:
+        if re.search(rb"(?im)^upgrade:\s*derp\s*$", head):
+            return b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n"
+        return websocket_reply(head)
+
+    return reply
+
+
+HOSTILE_RELAYS: dict[str, tuple[dict[str, Any], str]] = {
+    # name: (ScriptedServer script, what the node's error says)
+    "raw frame announcing 4 GiB": (
+        {"reply": DERP_101 + b"\x01\xff\xff\xff\xff", "stream": ZEROS},
+        "announces 4294967295 bytes, above the 1048576-byte limit",
+    ),
+    "raw stream of zeros": (
+        {"reply": DERP_101, "stream": ZEROS},
+        "17 frames of unknown types in a row: not a DERP server",
+    ),
+    "raw upgrade head without end": (
+        {"reply": b"HTTP/1.1 101 Switching Protocols\r\n", "stream": b"X-Junk: a\r\n" * 4096},
+        "the response head is longer than 16384 bytes",
+    ),
+    "websocket frame announcing 2**62 bytes": (
+        {
+            "reply": refuse_derp_then(
+                ws_accept(ws_frame_header(OPCODE_BINARY, 2**62), subprotocol="derp")
+            ),
+            "stream": ZEROS,
+        },
+        "a frame announcing 4611686018427387904 bytes, above the 2097152-byte limit",
+    ),
+    "websocket continuation frames without end": (
+        {
+            "reply": refuse_derp_then(
+                ws_accept(ws_frame(OPCODE_BINARY, ZEROS, fin=False), subprotocol="derp")
+            ),
+            "stream": ws_frame(OPCODE_CONT, ZEROS, fin=False),
+        },
+        "a fragmented message of more than 2097152 bytes",
+    ),
+    "websocket upgrade head without end": (
+        {
+            "reply": refuse_derp_then(lambda _head: b"HTTP/1.1 101 Switching Protocols\r\n"),
+            "stream": b"X-Junk: " + b"a" * 4096 + b"\r\n",
+        },
+        "the response head is longer than 65536 bytes",
+    ),
+    "websocket refusal with a body of 100 GB": (
+        {
+            "reply": refuse_derp_then(
+                lambda _head: b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100000000000\r\n\r\n"
+            ),
+            "stream": b"x" * 65536,
+        },
+        "answered 403 Forbidden: 'xxxx",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_RELAYS))
+def test_hostile_relay_fails_the_node_in_bounded_memory_and_time(name: str) -> None:
+    script, said = HOSTILE_RELAYS[name]
+    with ScriptedServer(**script) as server:
+        node = {
+            "Name": "hostile", "RegionID": 9, "HostName": "127.0.0.1", "DERPPort": server.port,
+            "STUNPort": -1, "ForceHTTP": True,
+        }
+        settings = Settings(derp_map=derp_map(region(9, node)))
+        section, cost = measured(
+            lambda: check_section("derp", run_probe("derp", probe, settings, Deadline.after(5.0)))
+        )
+    report = node_report(section, 9)
+    assert report["severity"] == "error"
+    assert said in report["error"], report["error"]
+    assert section.codes == ["EDERP03"]
+    assert cost.peak < MEMORY_BOUND, cost
+    assert cost.elapsed < 5.0
+
+
+MAP_STREAMS = {
+    "chunked without end": b"Transfer-Encoding: chunked\r\n\r\n",
+    "Content-Length of 1 TB": b"Content-Length: 1000000000000\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(MAP_STREAMS))
+def test_map_url_streaming_without_end_is_capped(name: str) -> None:
+    chunked = "chunked" in name
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + MAP_STREAMS[name]
+    stream = b"10000\r\n" + b" " * 65536 + b"\r\n" if chunked else b" " * 65536
+    with ScriptedServer(reply=head, stream=stream) as server:
+        settings = Settings(derp_map=f"http://127.0.0.1:{server.port}/derpmap.json")
+        section, cost = measured(
+            lambda: check_section("derp", run_probe("derp", probe, settings, Deadline.after(5.0)))
+        )
+    assert "larger than 1048576 bytes" in section.error
+    assert cost.peak < MEMORY_BOUND, cost
+    assert cost.elapsed < 5.0
 
 
 # --- EMF properties --------------------------------------------------------------------------

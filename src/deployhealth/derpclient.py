@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nacl.public import PrivateKey
 
+from deployhealth import wsclient
 from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.net import (
     AddressCheck,
@@ -45,6 +47,13 @@ HEAD_CAP = 16 * 1024
 # One operation (a read, a connect) never waits longer than this, deadline permitting.
 OPERATION_TIMEOUT_SECONDS = 5.0
 _RECV_SIZE = 64 * 1024
+# A WebSocket message carries whatever the server wrote at once: a frame of up to
+# wire.MAX_FRAME_LEN, perhaps with smaller ones buffered around it. A message above this
+# is refused before it is read.
+WS_MESSAGE_CAP = 2 * wire.MAX_FRAME_LEN
+# Frames of a type the handshake does not know are skipped, but not without end: a stream
+# of them (zeros make 5-byte frames of type 0) is not a DERP server.
+MAX_SKIPPED_FRAMES = 16
 _SHOWN_BODY = 200
 _KNOWN_TYPES = frozenset(t.value for t in wire.FrameType)
 
@@ -117,7 +126,7 @@ class _RawTransport:
 
 
 class _WebSocketTransport:
-    def __init__(self, ws: Any) -> None:
+    def __init__(self, ws: wsclient.BoundedWebSocket) -> None:
         self.ws = ws
 
     def send(self, data: bytes, deadline: Deadline) -> None:
@@ -128,6 +137,8 @@ class _WebSocketTransport:
         import websocket
 
         self.ws.settimeout(timeout)
+        # However fast the server sends, a read ends with its timeout.
+        self.ws.until(time.monotonic() + timeout)
         try:
             opcode, data = self.ws.recv_data()
         except websocket.WebSocketTimeoutException:
@@ -234,14 +245,19 @@ class DerpClient:
         )
 
     def _next_known(self, deadline: Deadline, doing: str) -> wire.Frame:
-        """The next frame of a known type; unknown types are skipped by length."""
-        while True:
+        """The next frame of a known type; a few of unknown types are skipped by length."""
+        for _skipped in range(MAX_SKIPPED_FRAMES + 1):
             frame = self._frame(deadline, doing)
             if frame is None:
                 raise DerpError("handshake", f"{doing}: nothing arrived before the deadline")
             if frame.type in _KNOWN_TYPES:
                 return frame
             self.log(f"{doing}: skipped a frame of {wire.frame_name(frame.type)}")
+        raise DerpError(
+            "protocol",
+            f"{doing}: {MAX_SKIPPED_FRAMES + 1} frames of unknown types in a row: "
+            "not a DERP server, or a broken one",
+        )
 
     def _frame(self, deadline: Deadline, doing: str) -> wire.Frame | None:
         """The next whole frame, or None when the deadline passes first."""
@@ -414,35 +430,38 @@ def _upgrade(
 def _dial_websocket(
     target: NodeTarget, deadline: Deadline, check_address: AddressCheck
 ) -> _WebSocketTransport:
-    import websocket
-
     sock = _dial(target, deadline, check_address)
+    # The socket is ours (address checks, TLS with our trust store), and so is the opening
+    # handshake: websocket-client's own reads header lines and a refused answer's body
+    # without a limit. It only frames the messages, under wsclient's caps.
+    key = wsclient.new_key()
+    lines = [
+        "GET /derp HTTP/1.1",
+        f"Host: {target.authority}",
+        f"User-Agent: {USER_AGENT}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Protocol: derp",
+    ]
     try:
-        sock.settimeout(_timeout(deadline, "websocket"))
-        # The socket is ours (address checks, TLS with our trust store); websocket-client
-        # only speaks the handshake and framing on it.
-        ws = websocket.create_connection(
-            target.websocket_url,
-            socket=sock,
-            subprotocols=["derp"],
-            timeout=_timeout(deadline, "websocket"),
-            redirect_limit=0,
-            header={"User-Agent": USER_AGENT},
-            enable_multithread=False,
-        )
-    except websocket.WebSocketBadStatusException as exc:
+        budget = deadline.sooner(OPERATION_TIMEOUT_SECONDS)
+        wsclient.send_upgrade(sock, budget, lines)
+        status, reason, headers = wsclient.read_head(sock, budget)
+        if status != 101:
+            body = wsclient.read_body(sock, headers, budget)
+            shown = body[:_SHOWN_BODY].strip()
+            raise DerpError(
+                "websocket",
+                f"GET {target.websocket_url} answered {status} {reason}".rstrip()
+                + (f": {shown!r}" if shown else ""),
+            )
+        wsclient.check_upgrade(headers, key, "derp")
+    except PhaseError as exc:
         sock.close()
-        body = exc.resp_body or b""
-        shown = body[:_SHOWN_BODY].decode("utf-8", "replace").strip() if body else ""
-        raise DerpError(
-            "websocket",
-            f"GET {target.websocket_url} answered {exc.status_code}"
-            + (f": {shown!r}" if shown else ""),
-        ) from None
-    except DerpError:
+        raise DerpError("websocket", f"{target.websocket_url}: {exc}") from None
+    except BaseException:
         sock.close()
         raise
-    except Exception as exc:
-        sock.close()
-        raise DerpError("websocket", f"{target.websocket_url}: {_describe(exc)}") from None
-    return _WebSocketTransport(ws)
+    return _WebSocketTransport(wsclient.BoundedWebSocket(sock, max_message=WS_MESSAGE_CAP))
