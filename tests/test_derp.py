@@ -51,6 +51,7 @@ from deployhealth.sim.deployment import SimulatedDeployment
 from deployhealth.sim.derp import DerpServer
 from deployhealth.sim.stun import StunServer, servers_of
 from deployhealth.sim.tcp import BlackHoleServer, ScriptedServer, free_port
+from deployhealth.stunclient import StunTarget, probe_all
 from deployhealth.wire import derp as wire
 from deployhealth.wire import stun as stun_wire
 
@@ -747,6 +748,50 @@ def test_hostile_relay_fails_the_node_in_bounded_memory_and_time(name: str) -> N
     assert section.codes == ["EDERP03"]
     assert cost.peak < MEMORY_BOUND, cost
     assert cost.elapsed < 5.0
+
+
+class _StunFlooder:
+    """A UDP peer that answers a binding request with 60 KB datagrams, as fast as it can,
+    until it is stopped: never a STUN answer, always more to read."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.sent = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._flood, daemon=True)
+        self.thread.start()
+
+    def _flood(self) -> None:
+        _request, client = self.sock.recvfrom(2048)
+        junk = b"\xff" * 60_000
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):  # the client's buffer full, or it is gone
+                self.sent += self.sock.sendto(junk, client)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_stun_peer_flooding_datagrams_is_no_answer_in_bounded_memory_and_time() -> None:
+    flooder = _StunFlooder()
+    try:
+        target = StunTarget("flood", "127.0.0.1", flooder.port)
+        run_, cost = measured(
+            lambda: probe_all(
+                [target], Deadline.after(3.0), check_address=lambda _ip: None, try_seconds=1.0
+            )
+        )
+    finally:
+        flooder.close()
+    result = run_.results["flood"]
+    assert result.error is not None and result.error.startswith("no STUN answer from 127.0.0.1")
+    assert flooder.sent > 16 * 1024 * 1024  # far more than was ever held
+    assert cost.peak < 4 * 1024 * 1024, cost
+    assert cost.elapsed < 3.0 + 0.5
 
 
 MAP_STREAMS = {

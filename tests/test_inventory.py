@@ -14,7 +14,9 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from support.coder_schema import check_section
 from support.deployment import api_settings, set_faults
+from support.hostile import measured
 
 from deployhealth.checks import entitlements, provisioner_daemons, workspace_proxy
 from deployhealth.deadline import Deadline
@@ -29,11 +31,12 @@ from deployhealth.inventory import (
     open_inventory,
 )
 from deployhealth.model import Section
+from deployhealth.runner import run_family
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
 from deployhealth.sim.inventory import BUILTIN_KEY_ID, inventory_of, seed_database
 from deployhealth.sim.postgres import LocalPostgres
-from deployhealth.sim.tcp import free_port
+from deployhealth.sim.tcp import ScriptedServer, free_port
 
 
 def db_settings(sim: SimulatedDeployment, url: str, **overrides: Any) -> Settings:
@@ -65,6 +68,69 @@ def test_database_source_without_a_database_says_so() -> None:
 
 
 # --- api ----------------------------------------------------------------------------
+
+
+_JSON_200 = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+def _fixed(body: bytes) -> dict[str, bytes]:
+    return {"reply": _JSON_200 + b"Content-Length: %d\r\n\r\n" % len(body) + body}
+
+
+# A Coder API that answers every request the same hostile way, and what the message says.
+HOSTILE_APIS: dict[str, tuple[dict[str, bytes], str]] = {
+    "chunked body without end": (
+        {
+            "reply": _JSON_200 + b"Transfer-Encoding: chunked\r\n\r\n",
+            "stream": b"10000\r\n" + b" " * 65536 + b"\r\n",
+        },
+        "the answer is larger than 8388608 bytes",
+    ),
+    "Content-Length of 1 TB": (
+        {"reply": _JSON_200 + b"Content-Length: 1000000000000\r\n\r\n", "stream": b" " * 65536},
+        "the answer is larger than 8388608 bytes",
+    ),
+    "10**6 nested arrays": (
+        _fixed(b"[" * 1_000_000),
+        "the answer holds more than 500000 JSON values",
+    ),
+    "100,000 nested arrays": (
+        _fixed(b"[" * 100_000 + b"]" * 100_000),
+        "answered 200 with JSON nested too deeply to parse",
+    ),
+    # 6 MB of text, 2 million dicts once parsed: about 150 MB.
+    "two million empty objects": (
+        _fixed(b"[" + b"{}," * 2_000_000 + b"{}]"),
+        "the answer holds more than 500000 JSON values",
+    ),
+    "an error answer nested too deeply": (
+        {"reply": b"HTTP/1.1 403 Forbidden\r\nContent-Length: 50000\r\n\r\n" + b"[" * 50_000},
+        "answered 403 Forbidden: [[[[",
+    ),
+}
+
+# Each inventory family, and the code that says its inventory could not be read.
+INVENTORY_FAMILIES = {"entitlements": "EENT04", "provisioner_daemons": "EPD04",
+                      "workspace_proxy": "EWP02"}
+
+
+@pytest.mark.parametrize("family", list(INVENTORY_FAMILIES))
+@pytest.mark.parametrize("peer", list(HOSTILE_APIS))
+def test_hostile_coder_api_is_a_coded_error_in_bounded_memory(family: str, peer: str) -> None:
+    script, said = HOSTILE_APIS[peer]
+    with ScriptedServer(**script) as server:  # type: ignore[arg-type]
+        settings = Settings(
+            access_url=f"http://127.0.0.1:{server.port}", coder_token=Secret("hostile-token"),
+            inventory="api",
+        )
+        section, cost = measured(lambda: run_family(family, settings, Deadline.after(8.0)))
+    check_section(family, section)
+    code = INVENTORY_FAMILIES[family]
+    assert code in section.codes and "EUNKNOWN" not in section.codes, section.codes
+    assert said in section.error, section.error
+    # The peer offered a terabyte, or text that parses into far more than it weighs.
+    assert cost.peak < 48 * 1024 * 1024, cost
+    assert cost.elapsed < 8.0
 
 
 def test_api_source_reads_proxies_daemons_and_replicas(sim: SimulatedDeployment) -> None:

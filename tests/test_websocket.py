@@ -193,6 +193,13 @@ def test_huge_refusal_body_is_capped(answering: Callable[[Answer], str]) -> None
     assert data["body"] == "x" * 4096
 
 
+def test_refusal_body_nested_too_deeply_is_still_ews01(answering: Callable[[Answer], str]) -> None:
+    # 4 KiB of "[" is deeper than Python's JSON parser goes: RecursionError, not ValueError.
+    section = run(answering(Answer(403, b"[" * 4096, {"Content-Type": "application/json"})))
+    assert codes(section) == ["EWS01"]
+    assert "answered 403" in message(section, "EWS01")
+
+
 def test_server_that_never_answers_returns_within_the_deadline() -> None:
     with BlackHoleServer() as hole:
         started = time.monotonic()

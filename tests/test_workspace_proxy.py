@@ -272,6 +272,17 @@ def test_report_errors_of_every_proxy_become_ewp04(farm: ProxyFarm) -> None:
     assert {w.code for w in section.warnings} == {"EWP04"}
 
 
+def test_report_nested_too_deeply_is_a_status_not_a_crash(farm: ProxyFarm) -> None:
+    # 100,000 "[" is far deeper than Python's parser goes: RecursionError, not ValueError.
+    deep = farm.add(ProxyReply(body=b"[" * 100_000))
+    ok = farm.add(proxy_replies(CODER_VERSION)["ok"])
+    section = run(static_settings(("deep", deep.url), ("ok", ok.url)))
+    assert "EUNKNOWN" not in section.codes
+    assert status(section, "ok") == "ok"
+    assert status(section, "deep") != "ok"
+    assert any("deep" in f.message for f in section.errors + section.warnings)
+
+
 def test_chunked_report_is_read(farm: ProxyFarm) -> None:
     # A Go server sends larger reports chunked; the farm cannot, so a raw server does.
     import socket

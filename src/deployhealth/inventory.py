@@ -61,6 +61,13 @@ QUERY_TIMEOUT_SECONDS = 5.0
 INVENTORY_READ_LIMIT = 16 * 1024 * 1024
 # Hundreds of proxies or daemons fit well within this; more is not an inventory.
 API_BODY_CAP = 8 * 1024 * 1024
+# Parsed JSON takes far more memory than its text: 8 MiB of `[{},{},...]` becomes 2.8
+# million dicts, 210 MB. Counting commas and brackets (an upper bound on the values) before
+# parsing keeps the worst case near 40 MB; 5,000 workspace proxies hold about 110,000.
+API_VALUE_CAP = 500_000
+# Coder's error answers are a message, a detail and a few validations: a larger body is
+# quoted, not parsed.
+ERROR_JSON_CAP = 64 * 1024
 REPLICA_LIVE_WINDOW = timedelta(seconds=15)
 TOKEN_HEADER = "Coder-Session-Token"
 PRIMARY_PROXY_NAME = "primary"
@@ -108,10 +115,7 @@ def not_licensed_feature(status: int, body: bytes) -> tuple[str, str] | None:
     """
     if status != 403:
         return None
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    data = _error_json(body)
     message = data.get("message") if isinstance(data, dict) else None
     if not isinstance(message, str):
         return None
@@ -391,10 +395,7 @@ def _keep_proxy(proxy: Proxy) -> bool:
 
 def coder_error_text(body: bytes) -> str | None:
     """`message: detail (field: detail; ...)` when `body` is a Coder error, else None."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    data = _error_json(body)
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
         return None
     text = data["message"].strip()
@@ -412,6 +413,17 @@ def coder_error_text(body: bytes) -> str | None:
         if shown:
             text += f" (validations: {'; '.join(shown)})"
     return text
+
+
+def _error_json(body: bytes) -> Any:
+    """`body` parsed when it can be a Coder error answer; None otherwise (too big, not JSON,
+    or nested too deeply for the parser)."""
+    if len(body) > ERROR_JSON_CAP:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
 
 
 class CoderAPI:
@@ -481,10 +493,20 @@ class CoderAPI:
             raise InventoryError(self._redactor.scrub(f"{text}: {said}" if said else text))
         if more:
             raise InventoryError(f"GET {url}: the answer is larger than {API_BODY_CAP} bytes")
+        values = body.count(b",") + body.count(b"[") + body.count(b"{")
+        if values > API_VALUE_CAP:
+            raise InventoryError(
+                f"GET {url}: the answer holds more than {API_VALUE_CAP} JSON values (commas "
+                "and brackets counted); not parsed, it would take too much memory"
+            )
         try:
             return json.loads(body)
         except ValueError:
             raise InventoryError(f"GET {url} answered 200 with a body that is not JSON") from None
+        except RecursionError:
+            raise InventoryError(
+                f"GET {url} answered 200 with JSON nested too deeply to parse"
+            ) from None
 
     def buildinfo(self, deadline: Deadline) -> Mapping[str, Any]:
         return _object(self.get_json("/api/v2/buildinfo", deadline, auth=False), "buildinfo")

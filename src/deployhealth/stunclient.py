@@ -28,6 +28,8 @@ from deployhealth.wire import stun as wire
 
 TRY_SECONDS = 2.0
 TRIES = 3
+# A STUN answer is a few dozen bytes; anything longer is cut here by the kernel, so a peer
+# flooding 64 KiB datagrams costs 2 KiB per read and no more.
 _DATAGRAM = 2048
 
 
@@ -183,6 +185,8 @@ def _collect(
                     # An ICMP error surfaced on the socket; the try's timeout reports it.
                     break
                 received = time.monotonic()
+                if received >= window.at:
+                    return  # a flood of datagrams must not hold the reader past its window
                 if len(data) < wire.HEADER_LEN:
                     continue
                 item = pending.get(bytes(data[8:20]))

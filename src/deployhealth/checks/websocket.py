@@ -267,7 +267,7 @@ def _refusal(refused: _Refused, token: str | None) -> str:
 def _coder_message(body: str) -> str:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # 4 KiB of "[" is too deep for the parser
         return ""
     message = data.get("message") if isinstance(data, dict) else None
     return message[:200] if isinstance(message, str) else ""

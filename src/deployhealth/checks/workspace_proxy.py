@@ -319,7 +319,7 @@ def _excerpt(body: bytes) -> str:
 def _parse_report(body: bytes) -> tuple[list[str], list[str]] | None:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     if not isinstance(data, dict) or "errors" not in data or "warnings" not in data:
         return None
