@@ -222,3 +222,19 @@ def connects() -> Iterator[list[str]]:
         yield _connects
     finally:
         _recording.clear()
+
+
+@pytest.fixture
+def healthy_env(sim: SimulatedDeployment, pg: LocalPostgres) -> dict[str, str]:
+    """The environment of a `deployhealth` process watching a healthy simulated deployment
+    (each test adds its store)."""
+    from support.serve import clean_env
+
+    return clean_env(
+        DEPLOYHEALTH_NAME="cli-test",
+        DEPLOYHEALTH_ACCESS_URL=sim.url,
+        DEPLOYHEALTH_DATABASE_URL=pg.url,
+        DEPLOYHEALTH_CODER_TOKEN=sim.token,
+        # Loopback is fast, but a loaded CI machine is not: EDB02 is not under test here.
+        DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
+    )

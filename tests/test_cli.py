@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 import requests
 from support.coder_schema import check_report
+from support.serve import COMMAND, ServeProcess, clean_env, readyz
 
-from deployhealth.sim.deployment import SimulatedDeployment
 from deployhealth.sim.inventory import inventory_of, seed_database
 from deployhealth.sim.tcp import free_port
-
-COMMAND = str(Path(sys.executable).parent / "deployhealth")
-# Long enough for any round on a loaded CI machine, short enough to fail fast when broken.
-EVENT_TIMEOUT = 60
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -34,22 +26,6 @@ def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
     return result
 
 
-def clean_env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPLOYHEALTH_")}
-    env.update(settings)
-    return env
-
-
-@pytest.fixture
-def healthy_env(sim: SimulatedDeployment, local_postgres) -> dict[str, str]:
-    return clean_env(
-        DEPLOYHEALTH_NAME="cli-test",
-        DEPLOYHEALTH_ACCESS_URL=sim.url,
-        DEPLOYHEALTH_DATABASE_URL=local_postgres.url,
-        DEPLOYHEALTH_CODER_TOKEN=sim.token,
-        # Loopback is fast, but a loaded CI machine is not: EDB02 is not under test here.
-        DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
-    )
 
 
 def test_check_json_prints_only_the_report_and_exits_0_when_ready(healthy_env, tmp_path):
@@ -236,53 +212,6 @@ def test_codes_into_a_closed_pipe_is_not_a_traceback(tmp_path):
     assert (proc.returncode, proc.stderr) == (0, b"")
 
 
-class ServeProcess:
-    """`deployhealth serve` (or `demo`) in the background; its stderr lines are events."""
-
-    def __init__(
-        self, args: list[str], env: dict[str, str], cwd: Path, *, prefix: tuple[str, ...] = ()
-    ) -> None:
-        # `prefix`: a command that runs `deployhealth` with other rights (setpriv).
-        self.proc = subprocess.Popen(
-            [*prefix, COMMAND, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            text=True, env=env, cwd=cwd,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put("")  # EOF
-
-    def wait_for(self, prefix: str) -> str:
-        while True:
-            try:
-                line = self.lines.get(timeout=EVENT_TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"no line starting {prefix!r}; so far: {''.join(self.seen)}")
-            self.seen.append(line)
-            if line == "":
-                pytest.fail(f"process ended before {prefix!r}: {''.join(self.seen)}")
-            if line.lstrip().startswith(prefix):
-                return line
-
-    def next_round_started_after_now(self) -> str:
-        # The round in flight may have started before the change; the one after it cannot.
-        self.wait_for("round:")
-        return self.wait_for("round:")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(timeout=EVENT_TIMEOUT)
-
-
-def readyz(base: str) -> requests.Response:
-    return requests.get(f"{base}/readyz", params={"verbose": ""}, timeout=10)
-
-
 @pytest.mark.parametrize(
     ("fault", "broken", "repaired", "failed_line"),
     [
@@ -293,10 +222,9 @@ def readyz(base: str) -> requests.Response:
 def test_serve_turns_readyz_503_within_one_round_of_a_fault_and_back(
     healthy_env, sim, tmp_path, fault, broken, repaired, failed_line
 ):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{tmp_path / 'r.db'}"}
-    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    server = ServeProcess.on_free_port(env, tmp_path)
+    base = server.base
     try:
         server.wait_for("round:")
         assert readyz(base).status_code == 200
@@ -321,8 +249,6 @@ def test_serve_turns_readyz_503_within_one_round_of_a_fault_and_back(
 def test_serve_follows_the_database_going_down_and_coming_back(sim, tmp_path):
     from deployhealth.sim.postgres import LocalPostgres
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     with LocalPostgres() as postgres:
         env = clean_env(
             DEPLOYHEALTH_ACCESS_URL=sim.url,
@@ -331,7 +257,8 @@ def test_serve_follows_the_database_going_down_and_coming_back(sim, tmp_path):
             DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
             DEPLOYHEALTH_STORE=f"sqlite:///{tmp_path / 'r.db'}",
         )
-        server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+        server = ServeProcess.on_free_port(env, tmp_path)
+        base = server.base
         try:
             server.wait_for("round:")
             assert readyz(base).status_code == 200
@@ -347,11 +274,8 @@ def test_serve_follows_the_database_going_down_and_coming_back(sim, tmp_path):
 
 
 def test_demo_serves_both_sections_and_takes_faults(tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    demo = ServeProcess(
-        ["demo", "--port", str(port), "--interval", "1"], clean_env(), tmp_path
-    )
+    demo = ServeProcess.on_free_port(clean_env(), tmp_path, command="demo")
+    base = demo.base
     try:
         sim_line = demo.wait_for("simulated deployment")
         sim_url = sim_line.split()[-1]
@@ -372,10 +296,7 @@ def test_demo_switch_lands_between_rounds_and_the_next_round_shows_it(tmp_path):
     # The demo's promise (sim/demo.py): a switch waits for the round in flight, says
     # "fault: ...", and the round: line after that is the first to see it. No round line
     # before the fault line can be taken for the round after.
-    port = free_port()
-    demo = ServeProcess(
-        ["demo", "--port", str(port), "--interval", "1"], clean_env(), tmp_path
-    )
+    demo = ServeProcess.on_free_port(clean_env(), tmp_path, command="demo")
     try:
         sim_url = demo.wait_for("simulated deployment").split()[-1]
         demo.wait_for("round:")
@@ -385,7 +306,7 @@ def test_demo_switch_lands_between_rounds_and_the_next_round_shows_it(tmp_path):
             assert fault.status_code == 200 and fault.json()["proxy"] == mode
             demo.wait_for(f"fault: proxy={mode}")
             assert verdict in demo.wait_for("round:")
-        health = requests.get(f"http://127.0.0.1:{port}/api/v2/debug/health", timeout=10)
+        health = requests.get(f"{demo.base}/api/v2/debug/health", timeout=10)
         assert health.json()["workspace_proxy"]["severity"] == "ok"
     finally:
         assert demo.stop() == 0
@@ -428,9 +349,8 @@ def test_credentials_in_url_settings_reach_no_output_store_or_api(sim, local_pos
     assert "authentication failed" in report["database"]["error"]
     assert "EPD04" in report["provisioner_daemons"]["error"]
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    server = ServeProcess.on_free_port(env, tmp_path)
+    base = server.base
     try:
         server.wait_for("round:")
         server.wait_for("round:")  # a second round: history has more than one entry

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.serve import EVENT_TIMEOUT
 
 from deployhealth.model import Section
 from deployhealth.scheduler import Scheduler
@@ -27,7 +28,6 @@ from deployhealth.store import open_store
 PROXIES_PATH = "/api/v2/workspaceproxies"
 # How long a silent STUN server holds the derp family, and so each round.
 HOLD_SECONDS = 2.0
-EVENT_TIMEOUT = 60.0
 
 
 class Rounds:

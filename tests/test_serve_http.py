@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 from support.peers import require_program
-from test_cli import EVENT_TIMEOUT, ServeProcess, clean_env
+from support.serve import EVENT_TIMEOUT, ServeProcess, clean_env
 
 from deployhealth.api.local import LISTEN_BACKLOG
 from deployhealth.sim.deployment import SimulatedDeployment

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_cli import ServeProcess, clean_env, free_port, readyz
+from support.serve import ServeProcess, readyz
 
 from deployhealth import readiness
 from deployhealth.model import FUTURE_TOLERANCE_SECONDS, Finding, Section, Severity
@@ -256,18 +256,6 @@ def test_a_full_disk_fails_the_write_names_it_and_the_store_recovers(tmp_path: P
 # --- `deployhealth serve` under store faults ---------------------------------------------
 
 
-@pytest.fixture
-def healthy_env(sim, local_postgres) -> dict[str, str]:
-    """A healthy simulated deployment (as in test_cli); each test adds its store."""
-    return clean_env(
-        DEPLOYHEALTH_NAME="cli-test",
-        DEPLOYHEALTH_ACCESS_URL=sim.url,
-        DEPLOYHEALTH_DATABASE_URL=local_postgres.url,
-        DEPLOYHEALTH_CODER_TOKEN=sim.token,
-        DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="1000",
-    )
-
-
 @pytest.mark.parametrize("fault", ["garbage", "directory"])
 def test_serve_starts_whatever_the_store_and_recovers_when_it_is_repaired(
     healthy_env, tmp_path, fault
@@ -279,10 +267,9 @@ def test_serve_starts_whatever_the_store_and_recovers_when_it_is_repaired(
     else:
         path.mkdir()
         problem = "it is a directory, not a database file"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{path}"}
-    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    server = ServeProcess.on_free_port(env, tmp_path)
+    base = server.base
     try:
         server.wait_for("deployhealth serving")
         assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
@@ -305,10 +292,9 @@ def test_serve_starts_whatever_the_store_and_recovers_when_it_is_repaired(
 
 def test_serve_names_a_lock_held_elsewhere_without_waiting_for_it(healthy_env, tmp_path):
     path = tmp_path / "results.db"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{path}"}
-    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    server = ServeProcess.on_free_port(env, tmp_path)
+    base = server.base
     holder: LockHolder | None = None
     try:
         server.wait_for("round:")
@@ -333,10 +319,9 @@ def test_serve_names_a_lock_held_elsewhere_without_waiting_for_it(healthy_env, t
 
 def test_serve_recreates_a_deleted_store_file_and_loses_nothing(healthy_env, tmp_path):
     path = tmp_path / "results.db"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{path}"}
-    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    server = ServeProcess.on_free_port(env, tmp_path)
+    base = server.base
     try:
         server.wait_for("round:")
         deleted_at = now()
@@ -410,10 +395,9 @@ def test_serve_on_a_full_disk_names_it_loses_nothing_and_recovers(
     healthy_env, tmp_path, small_disk
 ):
     path = small_disk / "results.db"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{path}"}
-    server = ServeProcess(["serve", "--port", str(port), "--interval", "1"], env, tmp_path)
+    server = ServeProcess.on_free_port(env, tmp_path)
+    base = server.base
     try:
         server.wait_for("round:")
         assert readyz(base).status_code == 200
@@ -467,13 +451,10 @@ def test_serve_names_a_store_file_it_has_no_permission_for_and_recovers(
     os.chown(path, NOBODY, NOBODY)
     path.chmod(mode)
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{path}"}
     without_rights = ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--")
-    server = ServeProcess(
-        ["serve", "--port", str(port), "--interval", "1"], env, tmp_path, prefix=without_rights
-    )
+    server = ServeProcess.on_free_port(env, tmp_path, prefix=without_rights)
+    base = server.base
     try:
         server.wait_for("deployhealth serving")
         assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
