@@ -434,20 +434,12 @@ def _dial_websocket(
     # The socket is ours (address checks, TLS with our trust store), and so is the opening
     # handshake: websocket-client's own reads header lines and a refused answer's body
     # without a limit. It only frames the messages, under wsclient's caps.
-    key = wsclient.new_key()
-    lines = [
-        "GET /derp HTTP/1.1",
-        f"Host: {target.authority}",
-        f"User-Agent: {USER_AGENT}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        "Sec-WebSocket-Protocol: derp",
-    ]
     try:
         budget = deadline.sooner(OPERATION_TIMEOUT_SECONDS)
-        wsclient.send_upgrade(sock, budget, lines)
+        key = wsclient.send_upgrade(
+            sock, budget, path="/derp", authority=target.authority, user_agent=USER_AGENT,
+            extra=["Sec-WebSocket-Protocol: derp"],
+        )
         status, reason, headers = wsclient.read_head(sock, budget)
         if status != 101:
             body = wsclient.read_body(sock, headers, budget)

@@ -63,12 +63,30 @@ class MessageTimeout(websocket.WebSocketTimeoutException):
 # --- the opening handshake ------------------------------------------------------------
 
 
-def new_key() -> str:
-    return base64.b64encode(os.urandom(16)).decode()
+def send_upgrade(
+    sock: socket.socket,
+    budget: Deadline,
+    *,
+    path: str,
+    authority: str,
+    user_agent: str,
+    extra: Sequence[str] = (),
+) -> str:
+    """Write the WebSocket upgrade request for `path`, plus the `extra` header lines.
 
-
-def send_upgrade(sock: socket.socket, budget: Deadline, lines: Sequence[str]) -> None:
-    """Write the request head made of `lines` (request line first)."""
+    Returns the Sec-WebSocket-Key sent, for `check_upgrade`.
+    """
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {authority}",
+        f"User-Agent: {user_agent}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *extra,
+    ]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     try:
         sock.settimeout(phase_timeout(budget, "sending the upgrade request"))
@@ -77,6 +95,7 @@ def send_upgrade(sock: socket.socket, budget: Deadline, lines: Sequence[str]) ->
         raise PhaseError("sending the upgrade request", "stalled", timed_out=True) from None
     except OSError as exc:
         raise PhaseError("sending the upgrade request", error_text(exc)) from None
+    return key
 
 
 def _recv_some(sock: socket.socket, budget: Deadline, phase: str, size: int) -> bytes:

@@ -210,19 +210,10 @@ def _dial(
     try:
         if target.tls:
             sock = tls_handshake(sock, tls_context(), target.host, budget)
-        key = wsclient.new_key()
-        lines = [
-            f"GET {PATH} HTTP/1.1",
-            f"Host: {target.authority}",
-            f"User-Agent: {USER_AGENT}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        if token:
-            lines.append(f"Coder-Session-Token: {token}")
-        wsclient.send_upgrade(sock, budget, lines)
+        key = wsclient.send_upgrade(
+            sock, budget, path=PATH, authority=target.authority, user_agent=USER_AGENT,
+            extra=[f"Coder-Session-Token: {token}"] if token else [],
+        )
         status, reason, headers = wsclient.read_head(sock, budget)
         details["code"] = status
         if status != 101:
