@@ -12,7 +12,7 @@ import requests
 from support.coder_schema import check_report
 from support.serve import COMMAND, ServeProcess, clean_env, readyz
 
-from deployhealth.sim.inventory import inventory_of, seed_database
+from deployhealth.sim.inventory import seed_database
 from deployhealth.sim.tcp import free_port
 
 
@@ -79,7 +79,6 @@ def test_check_an_unlicensed_deployment_reading_daemons_from_its_database(
 ):
     url, execute = coder_db
     sim.set_faults({"licence": "none-old"})
-    inventory_of(sim).touch()
     seed_database(sim, execute)
     env = clean_env(
         DEPLOYHEALTH_ACCESS_URL=sim.url,

@@ -34,7 +34,7 @@ from deployhealth.model import Section
 from deployhealth.runner import run_family
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
-from deployhealth.sim.inventory import BUILTIN_KEY_ID, inventory_of, seed_database
+from deployhealth.sim.inventory import BUILTIN_KEY_ID, seed_database
 from deployhealth.sim.postgres import LocalPostgres
 from deployhealth.sim.tcp import ScriptedServer, free_port
 
@@ -259,7 +259,6 @@ def test_database_of_an_unlicensed_deployment_matches_its_api(
 ) -> None:
     url, execute = coder_db
     set_faults(sim, licence="none")
-    inventory_of(sim).touch()
     seed_database(sim, execute)
     database = open_inventory(db_settings(sim, url))
     api = open_inventory(api_settings(sim))
@@ -283,7 +282,6 @@ def test_database_source_reads_the_same_deployment(
     sim: SimulatedDeployment, coder_db: tuple[str, Callable[[str], object]]
 ) -> None:
     url, execute = coder_db
-    inventory_of(sim).touch()
     seed_database(sim, execute)
     api = open_inventory(api_settings(sim))
     db = open_inventory(db_settings(sim, url))
@@ -335,7 +333,6 @@ def test_database_source_without_provisioner_keys_has_no_key_names(
 ) -> None:
     # Coder before provisioner keys (2.14) has no such table: still readable, key_name null.
     url, execute = coder_db
-    inventory_of(sim).touch()
     seed_database(sim, execute)
     execute("DROP TABLE provisioner_keys")
     db = open_inventory(db_settings(sim, url))
@@ -444,7 +441,6 @@ def test_api_and_database_give_the_same_sections(
 ) -> None:
     url, execute = coder_db
     sim.set_faults(faults)
-    inventory_of(sim).touch()
     seed_database(sim, execute)
     from_api = api_settings(sim)
     from_db = db_settings(sim, url)

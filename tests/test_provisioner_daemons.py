@@ -18,7 +18,7 @@ from deployhealth.metrics import MetricsSink
 from deployhealth.model import Section, Severity
 from deployhealth.settings import Secret, Settings
 from deployhealth.sim.deployment import CODER_VERSION, SimulatedDeployment
-from deployhealth.sim.inventory import BUILTIN_KEY_ID, inventory_of, seed_database
+from deployhealth.sim.inventory import BUILTIN_KEY_ID, seed_database
 from deployhealth.sim.tcp import free_port
 
 
@@ -120,7 +120,6 @@ def test_database_source_gives_the_same_verdict(
 ) -> None:
     url, execute = coder_db
     set_faults(sim, provisioners="old-version")
-    inventory_of(sim).touch()
     seed_database(sim, execute)
     settings = Settings(access_url=sim.url, database_url=Secret(url))  # database by default
     assert settings.inventory_source == "database"
@@ -255,7 +254,6 @@ def test_unlicensed_coder_that_gates_the_list_is_read_from_the_database(
 ) -> None:
     url, execute = coder_db
     set_faults(sim, licence="none-old")
-    inventory_of(sim).touch()
     seed_database(sim, execute)
     execute("UPDATE provisioner_daemons SET version = 'v2.16.4'")  # only the table says so
     settings = api_settings(sim, database_url=Secret(url))

@@ -758,8 +758,13 @@ def _insert(table: str, row: Mapping[str, Any]) -> str:
 
 
 def seed_database(sim: SimulatedDeployment, execute: Callable[[str], object]) -> None:
-    """Write the sim's deployment, in its current modes, into Coder's tables via `execute`."""
+    """Write the sim's deployment, in its current modes, into Coder's tables via `execute`.
+
+    The heartbeat is renewed first: the tables and the API then show the same last-seen
+    times for the next HEARTBEAT_SECONDS, so a test can compare the two sources.
+    """
     state = inventory_of(sim)
+    state.touch()
     statements = [_SCHEMA]
     for n, proxy in enumerate(state.listed_proxies(), start=1):
         statements.append(
