@@ -6,12 +6,12 @@ import json
 import random
 import struct
 import time
-import tracemalloc
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from support.coder_schema import check_section
+from support.hostile import measured
 from support.peers import running_nginx
 
 from deployhealth.checks.database import probe
@@ -180,20 +180,11 @@ ZEROS = b"\0" * 65536
 
 def run_guarded(database_url: str, deadline_seconds: float) -> tuple[Section, float, int]:
     """The family run as the runner runs it, with its time and its traced memory peak."""
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        started = time.monotonic()
-        section = run_family(
-            "database",
-            Settings(database_url=Secret(database_url)),
-            Deadline.after(deadline_seconds),
-        )
-        elapsed = time.monotonic() - started
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    return check_section("database", section), elapsed, peak
+    settings = Settings(database_url=Secret(database_url))
+    section, cost = measured(
+        lambda: run_family("database", settings, Deadline.after(deadline_seconds))
+    )
+    return check_section("database", section), cost.elapsed, cost.peak
 
 
 STREAMING_PEERS = {
