@@ -50,7 +50,13 @@ from deployhealth.model import (
 from deployhealth.readiness import HYSTERESIS_WINDOW, Readiness, evaluate, gating_sections
 from deployhealth.redact import Redactor
 from deployhealth.settings import Settings, SettingsError, load_settings
-from deployhealth.store import ResultStore, Snapshot, StoreUnavailable, open_store
+from deployhealth.store import (
+    LazyStore,
+    ResultStore,
+    Snapshot,
+    StoreUnavailable,
+    open_store_lazily,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +121,15 @@ class ApiContext:
             raise ValueError("ApiContext needs settings or the error that loading them raised")
         self._settings = settings
         self._settings_error = settings_error
-        self._store: ResultStore | None = None
         # A store handed in belongs to the caller (the local server shares it with the
-        # scheduler); one opened here is closed here.
-        self._owns_store = store is None
-        if store is not None:
-            self._store = _GuardedStore(store, self.describe)
-        self._store_lock = threading.Lock()
+        # scheduler); one opened here, on first use (LazyStore), is closed here.
+        self._own_store: LazyStore | None = None
+        if store is None and settings is not None:
+            self._own_store = open_store_lazily(
+                settings.store, settings.name, settings.history_retention_days, self.describe
+            )
+            store = self._own_store
+        self._store = _GuardedStore(store, self.describe) if store is not None else None
         self.docs_base_url = docs_base_url
         # Probes call /readyz every few seconds from several places; in a warm Lambda the
         # stored results are read again only after this many seconds (0: every request).
@@ -155,20 +163,12 @@ class ApiContext:
         return self._settings_error
 
     def store(self) -> ResultStore:
-        if self._store is not None:
-            return self._store
-        settings = self.settings
-        with self._store_lock:
-            if self._store is None:
-                location = settings.store
-                try:
-                    opened = open_store(location, settings.name, settings.history_retention_days)
-                except StoreUnavailable:
-                    raise
-                except Exception as exc:
-                    raise StoreUnavailable(location.describe(), self.describe(exc)) from None
-                self._store = _GuardedStore(opened, self.describe)
-            return self._store
+        """The store, opened now if it is ours: raises StoreUnavailable while it cannot open."""
+        _ = self.settings  # an invalid setting is the answer, before any store
+        assert self._store is not None
+        if self._own_store is not None:
+            self._own_store.open()
+        return self._store
 
     def readiness_snapshot(self, store: ResultStore) -> Snapshot:
         """The stored latest results and dismissals, at most `readiness_cache_seconds` old."""
@@ -197,10 +197,8 @@ class ApiContext:
         return self.redactor.scrub(text)
 
     def close(self) -> None:
-        with self._store_lock:
-            if self._store is not None and self._owns_store:
-                self._store.close()
-                self._store = None
+        if self._own_store is not None:
+            self._own_store.close()
 
 
 _T = TypeVar("_T")

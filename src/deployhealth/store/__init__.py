@@ -82,20 +82,36 @@ class LazyStore:
     use after the repair (the next round, the next request) opens it.
     """
 
-    def __init__(self, description: str, opener: Callable[[], ResultStore]) -> None:
+    def __init__(
+        self,
+        description: str,
+        opener: Callable[[], ResultStore],
+        describe: Callable[[BaseException], str] | None = None,
+    ) -> None:
         self.description = description
         self._opener = opener
+        # How an unforeseen failure to open is told (the API's scrubs configured secrets).
+        self._describe = describe or (lambda exc: f"{type(exc).__name__}: {exc}")
         self._store: ResultStore | None = None
         self._lock = threading.Lock()
 
     def open(self) -> ResultStore:
-        """The opened store; raises StoreUnavailable (naming the store) while it cannot open."""
+        """The opened store; raises StoreUnavailable (naming the store) while it cannot open.
+
+        Each backend raises StoreUnavailable for what it foresees; anything else opening it is
+        still "the store cannot be opened", never a crash of whoever asked.
+        """
         store = self._store
         if store is not None:
             return store
         with self._lock:
             if self._store is None:
-                self._store = self._opener()
+                try:
+                    self._store = self._opener()
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    raise StoreUnavailable(self.description, self._describe(exc)) from None
             return self._store
 
     def snapshot(self) -> Snapshot:
@@ -126,11 +142,14 @@ class LazyStore:
 
 
 def open_store_lazily(
-    location: StoreLocation, deployment: str, retention_days: float
+    location: StoreLocation,
+    deployment: str,
+    retention_days: float,
+    describe: Callable[[BaseException], str] | None = None,
 ) -> LazyStore:
     """`open_store` deferred to first use and retried until it succeeds; never raises here."""
     return LazyStore(
-        location.describe(), lambda: open_store(location, deployment, retention_days)
+        location.describe(), lambda: open_store(location, deployment, retention_days), describe
     )
 
 
