@@ -40,8 +40,13 @@ $(SAM_VENV)/.installed:
 validate: $(SAM_VENV)/.installed
 	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint --region us-east-1 --template template.yaml
 
+# The speed targets, each against a baseline from the same run (README, Benchmarks); the
+# tools they are measured against (wrk, blackbox_exporter) installed from Debian when
+# missing. `make bench ONLY="cold_start derp"` runs only those benchmarks.
+ONLY ?=
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	@bash scripts/install-bench-tools
+	$(BIN)/python benchmarks/run.py $(ONLY)
 
 # The monthly cost of template.yaml at list prices, from one measured run (docs/cost.md).
 cost: $(STAMP)
