@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import pytest
 import requests
@@ -30,6 +31,7 @@ from support.coder_schema import check_report
 from deployhealth.api import ApiContext, create_app
 from deployhealth.api.app import FORCE_MIN_INTERVAL_SECONDS, ApiApp, valid_proxy_response
 from deployhealth.api.local import MAX_BODY_BYTES, MAX_WORKERS, LocalApiServer
+from deployhealth.api.page import PAGE_HISTORY_LIMIT
 from deployhealth.checks import FAMILIES
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import SECTION_NAMES, Finding, Section, Severity, rfc3339
@@ -719,6 +721,7 @@ def test_bearer_token_guards_report_history_settings_and_page(make_api: ApiFacto
         "/api/v2/debug/health/history?section=database",
         "/api/v2/debug/health/settings",
         "/health",
+        "/health/codes",
     ):
         for headers in (
             {},
@@ -767,6 +770,7 @@ GET_ROUTES = (
     "/api/v2/debug/health/history?section=database",
     "/api/v2/debug/health/settings",
     "/health",
+    "/health/codes",
 )
 
 
@@ -952,7 +956,7 @@ def run_interleaved(threads: list[threading.Thread]) -> None:
 # --- the HTML page -------------------------------------------------------------------------
 
 
-def test_html_page_escapes_and_links_codes(make_api: ApiFactory) -> None:
+def test_html_page_escapes_and_links_codes_to_the_servers_own_table(make_api: ApiFactory) -> None:
     api = make_api()
     api.seed("access_url", ok_section())
     api.seed("database", failing_section("EDB01", "refused <script>alert('x')</script> & more"))
@@ -960,16 +964,78 @@ def test_html_page_escapes_and_links_codes(make_api: ApiFactory) -> None:
     page = api.get("/health")
     assert page.status_code == 200
     assert page.headers["Content-Type"].startswith("text/html")
-    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "unsafe-inline" not in csp and "script" not in csp
     text = page.text
-    assert "<script" not in text
+    assert "<script" not in text and " style=" not in text  # the CSP would block both
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in text
-    assert 'href="docs/codes.md#edb01"' in text
     assert "<h1>coder-test</h1>" in text
-    assert "Recent history" in text
-    assert text.count('class="sev error" title=') == 2  # both past database results
+    # Both stored database results are marks on its bar, both failing.
+    assert text.count('class="beat-error"') == 2
     # No external assets.
     assert "http://" not in text and "https://" not in text and "src=" not in text
+
+    # The code links to a table the server itself serves, relative to the page.
+    assert 'href="health/codes#edb01"' in text
+    codes = api.get(urljoin("/health", "health/codes"))
+    assert codes.status_code == 200 and codes.headers["Content-Type"].startswith("text/html")
+    assert codes.headers["Content-Security-Policy"] == csp
+    assert '<tr id="edb01">' in codes.text and '<tr id="eacs04">' in codes.text
+    assert 'href="../health"' in codes.text
+
+
+def test_html_page_leads_with_what_readyz_answers_and_why(make_api: ApiFactory) -> None:
+    api = make_api()
+    api.seed("access_url", ok_section())
+    api.seed("database", failing_section("EDB01"))
+    page = api.get("/health").text
+    assert api.get("/readyz").status_code == 503
+    assert "Not ready: /readyz answers 503" in page
+    assert "1 of 2 gating sections fail." in page
+    assert '<b>fails</b> <a href="#database">database</a>: EDB01' in page
+    assert page.index("answers 503") < page.index('id="access_url"')  # the verdict comes first
+
+    # A failing section that does not gate sits under a 200, and the page says why.
+    api.seed("database", ok_section())
+    api.seed("workspace_proxy", failing_section("EWP02", "inventory unreadable"))
+    page = api.get("/health").text
+    assert api.get("/readyz").status_code == 200
+    assert "Ready: /readyz answers 200" in page and "All 2 gating sections pass." in page
+    assert "Not gating: workspace_proxy (workspace_proxy failing, which does not change" in page
+
+
+def test_html_page_shows_age_uptime_and_latency_over_the_stored_results(
+    make_api: ApiFactory,
+) -> None:
+    api = make_api()
+    now = datetime.now(UTC)
+    api.seed("access_url", ok_section())
+    for minutes, failing in ((40, False), (30, True), (20, False), (10, False)):
+        section = failing_section() if failing else ok_section()
+        section.checked_at = now - timedelta(minutes=minutes)
+        section.duration_ms = 10.0 * minutes
+        api.seed("database", section)
+    page = api.get("/health").text
+    card = page[page.index('id="database"') :]
+    assert "10 min ago</time>" in card
+    assert f'datetime="{rfc3339(now - timedelta(minutes=10))}"' in card
+    assert "75 % <small class=meta>of 4 results, 40 min</small>" in card
+    assert "Check duration: last 100 ms, median 250 ms, max 400 ms" in card
+    assert (card.count('class="beat-ok"'), card.count('class="beat-error"')) == (3, 1)
+    assert card.count('class="beat-none"') == PAGE_HISTORY_LIMIT - 4  # slots not yet filled
+    assert "Last 4 results, newest right: 1 failed database" in card and "<polyline " in card
+    assert f"last {PAGE_HISTORY_LIMIT} stored results" in page
+
+
+def test_html_page_reloads_itself_at_the_interval_asked(make_api: ApiFactory) -> None:
+    api = make_api()
+    assert '<meta http-equiv="refresh" content="30">' in api.get("/health").text
+    assert '<meta http-equiv="refresh" content="300">' in api.get("/health?refresh=300").text
+    off = api.get("/health?refresh=0").text
+    assert 'http-equiv="refresh"' not in off and "does not reload" in off
+    for bad in ("1", "x", "99999"):
+        answer = api.get(f"/health?refresh={bad}")
+        assert answer.status_code == 400 and "refresh" in answer.json()["message"]
 
 
 # --- secrets -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from support.hostile import (
 from support.peers import require_program, running_nginx
 
 from deployhealth import readiness
-from deployhealth.api.app import render_page
+from deployhealth.api.page import render_page
 from deployhealth.checks.derp import (
     go_duration,
     probe,

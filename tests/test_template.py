@@ -40,6 +40,7 @@ IAM_ROUTES = {
     ("GET", "/api/v2/debug/health/settings"),
     ("PUT", "/api/v2/debug/health/settings"),
     ("GET", "/health"),
+    ("GET", "/health/codes"),
 }
 
 

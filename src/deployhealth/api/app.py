@@ -14,7 +14,6 @@ and `handle` has a last-resort `500` of its own.
 from __future__ import annotations
 
 import hmac
-import html
 import json
 import logging
 import math
@@ -26,14 +25,25 @@ from concurrent.futures import Future
 from datetime import datetime
 from http import HTTPStatus
 from typing import IO, Any, TypeVar
-from urllib.parse import quote, unquote, unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from aws_lambda_powertools.event_handler import ALBResolver, APIGatewayHttpResolver, Response
 from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver, Router
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
 
-from deployhealth.codes import CODES, DOCS_PATH
+from deployhealth.api.page import (
+    CODES_ROUTE,
+    CONTENT_SECURITY_POLICY,
+    PAGE_HISTORY_LIMIT,
+    REFRESH_DEFAULT_SECONDS,
+    REFRESH_MAX_SECONDS,
+    REFRESH_MIN_SECONDS,
+    PageOptions,
+    page_verdict,
+    render_codes_page,
+    render_page,
+)
 from deployhealth.metrics import MetricsSink
 from deployhealth.model import (
     CODER_SECTION_NAMES,
@@ -43,8 +53,6 @@ from deployhealth.model import (
     UnknownSectionError,
     canonical_section,
     parse_rfc3339,
-    rfc3339,
-    section_failing,
     utcnow,
 )
 from deployhealth.readiness import HYSTERESIS_WINDOW, Readiness, evaluate, gating_sections
@@ -72,7 +80,6 @@ FORCE_MIN_INTERVAL_SECONDS = 10.0
 PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/readyz/<section>"})
 HISTORY_DEFAULT_LIMIT = 50
 HISTORY_MAX_LIMIT = 1000
-HTML_HISTORY_LIMIT = 10
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -534,6 +541,17 @@ def _text_response(
     return Response(status_code=status, content_type=TEXT, body=body, headers=dict(headers or {}))
 
 
+def _html_response(body: str) -> Response[str]:
+    headers = {
+        # Self-contained: no script, no fetch; only the page's own style block, by its hash.
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        **NO_STORE,
+    }
+    return Response(status_code=200, content_type=HTML, body=body, headers=headers)
+
+
 def _bad_request(message: str, detail: str = "") -> ApiError:
     return ApiError(400, message, detail)
 
@@ -611,6 +629,26 @@ def _parse_limit(query: Mapping[str, str]) -> int:
             f"Query parameter 'limit' must be between 1 and {HISTORY_MAX_LIMIT}, not {limit}.",
         )
     return limit
+
+
+def _parse_refresh(query: Mapping[str, str]) -> int:
+    """The page's `?refresh=` seconds: absent is the default, 0 turns reloading off."""
+    raw = query.get("refresh")
+    if raw is None or raw.strip() == "":
+        return REFRESH_DEFAULT_SECONDS
+    text = raw.strip()
+    allowed = (
+        f"0 (off) or a whole number of seconds from {REFRESH_MIN_SECONDS} to "
+        f"{REFRESH_MAX_SECONDS}; the default is {REFRESH_DEFAULT_SECONDS}."
+    )
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise _bad_request(
+            f"Query parameter 'refresh' must be a number, not {_clip(raw)!r}.", allowed
+        )
+    seconds = int(text)
+    if seconds != 0 and not REFRESH_MIN_SECONDS <= seconds <= REFRESH_MAX_SECONDS:
+        raise _bad_request(f"Query parameter 'refresh' is out of range: {seconds}.", allowed)
+    return seconds
 
 
 def _parse_since(query: Mapping[str, str]) -> datetime | None:
@@ -900,32 +938,31 @@ def build_router(ctx: ApiContext) -> Router:
         ctx.forget_snapshot()
         return _json_response(200, settings_body(wanted))
 
-    # -- the HTML page (authorized) --
+    # -- the HTML pages (authorized, like the report they show) --
 
     @router.get("/health", middlewares=protected)
     def health_page() -> Response[str]:
+        refresh = _parse_refresh(query())
         settings = ctx.settings
         store = ctx.store()
         snapshot = store.snapshot()
-        report = build_report(settings, snapshot.latest, ctx.dismissed(snapshot.dismissed))
+        dismissed = ctx.dismissed(snapshot.dismissed)
+        report = build_report(settings, snapshot.latest, dismissed)
         expected = list(dict.fromkeys([*settings.gating_sections, *report.sections]))
+        # One bounded read per section serves the uptime figure, the trend and hysteresis.
         history = {
-            name: store.history(name, limit=HTML_HISTORY_LIMIT)
+            name: store.history(name, limit=PAGE_HISTORY_LIMIT)
             for name in SECTION_NAMES
             if name in expected
         }
-        page = render_page(report, expected, history, ctx.docs_base_url)
-        return Response(
-            status_code=200,
-            content_type=HTML,
-            body=page,
-            headers={
-                # Self-contained: no script, no fetch, only the inline style below.
-                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-                "X-Content-Type-Options": "nosniff",
-                "Cache-Control": "no-store",
-            },
-        )
+        verdict = page_verdict(settings, snapshot, dismissed, history, store)
+        options = PageOptions(docs_base_url=ctx.docs_base_url, refresh_seconds=refresh)
+        body = render_page(report, expected, history, verdict=verdict, options=options)
+        return _html_response(body)
+
+    @router.get(CODES_ROUTE, middlewares=protected)
+    def codes_page() -> Response[str]:
+        return _html_response(render_codes_page(ctx.settings.name))
 
     # -- errors --
 
@@ -1062,108 +1099,3 @@ def parse_settings_body(body: str | None) -> list[str]:
                 _unknown_section_detail(),
             ) from None
     return [name for name in SECTION_NAMES if name in names]
-
-
-# --- the HTML page -------------------------------------------------------------------------
-
-
-_STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem;color:#222}
-h1{margin:0 0 .25rem}h2{margin-top:2rem}.meta{color:#666}
-table{border-collapse:collapse;width:100%}th,td{text-align:left;vertical-align:top;
-padding:.4rem .5rem;border-bottom:1px solid #ddd}
-.sev{display:inline-block;padding:0 .45rem;border-radius:.6rem;font-weight:600;color:#fff}
-.ok{background:#2e7d32}.warning{background:#b26a00}.error{background:#c62828}.none{background:#777}
-.dismissed{color:#777}ul{margin:0;padding-left:1.1rem}code{font-size:90%}
-.hist{display:flex;gap:.25rem;flex-wrap:wrap}.hist .sev{font-weight:400;font-size:85%}
-"""
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _code_link(code: str, docs_base_url: str) -> str:
-    known = CODES.get(code)
-    anchor = known.anchor if known is not None else f"{DOCS_PATH}#{code.lower()}"
-    path, _, fragment = anchor.partition("#")
-    href = f"{docs_base_url}{path}#{quote(fragment, safe='')}"
-    title = f' title="{_e(known.title)}"' if known is not None else ""
-    return f'<a href="{_e(href)}"{title}><code>{_e(code)}</code></a>'
-
-
-def _badge(severity: str | None) -> str:
-    if severity not in ("ok", "warning", "error"):
-        return '<span class="sev none">no result</span>'
-    return f'<span class="sev {severity}">{severity}</span>'
-
-
-def _messages(section: Section, docs_base_url: str) -> str:
-    items = [
-        f"<li>{_code_link(f.code, docs_base_url)}: {_e(f.message)}</li>"
-        for f in [*section.errors, *section.warnings]
-    ]
-    return f"<ul>{''.join(items)}</ul>" if items else ""
-
-
-def render_page(
-    report: Report,
-    expected: Sequence[str],
-    history: Mapping[str, Sequence[Section]],
-    docs_base_url: str = "",
-) -> str:
-    rows = []
-    for name in SECTION_NAMES:
-        if name not in expected:
-            continue
-        label = f"{_e(CODER_SECTION_NAMES[name])} <span class=meta>({_e(name)})</span>"
-        section = report.sections.get(name)
-        if section is None:
-            rows.append(
-                f"<tr><td>{label}</td><td>{_badge(None)}</td><td colspan=2>no result yet</td></tr>"
-            )
-            continue
-        failing = " (failing)" if section_failing(name, section) else ""
-        opening = (
-            f"<tr class=dismissed><td>{label} (dismissed)</td>"
-            if section.dismissed
-            else f"<tr><td>{label}</td>"
-        )
-        rows.append(
-            f"{opening}<td>{_badge(section.severity.value)}{_e(failing)}</td>"
-            f"<td>{_e(rfc3339(section.checked_at))}<br>"
-            f"<span class=meta>{section.duration_ms:.0f} ms</span></td>"
-            f"<td>{_messages(section, docs_base_url)}</td></tr>"
-        )
-    hist_rows = []
-    for name, past in history.items():
-        marks = []
-        for section in past:
-            codes = " ".join(section.codes) or "no codes"
-            marks.append(
-                f'<span class="sev {_e(section.severity.value)}" '
-                f'title="{_e(rfc3339(section.checked_at))}: {_e(codes)}">'
-                f"{_e(section.checked_at.strftime('%H:%M:%S'))}</span>"
-            )
-        hist_rows.append(
-            f"<tr><td>{_e(name)}</td><td><div class=hist>"
-            f"{''.join(marks) or 'no history'}</div></td></tr>"
-        )
-    version = f" · Coder {_e(report.coder_version)}" if report.coder_version is not None else ""
-    return (
-        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
-        '<meta name=viewport content="width=device-width,initial-scale=1">'
-        f"<title>{_e(report.deployment)}: deployment health</title>"
-        f"<style>{_STYLE}</style></head><body>"
-        f"<h1>{_e(report.deployment)}</h1>"
-        f"<p class=meta>{_badge(report.severity.value)} "
-        f"{'healthy' if report.healthy else 'not healthy'} · "
-        f"results as of {_e(rfc3339(report.time))}{version}</p>"
-        "<h2>Sections</h2><table><thead><tr><th>section</th><th>severity</th>"
-        "<th>checked</th><th>findings</th></tr></thead><tbody>"
-        f"{''.join(rows)}</tbody></table>"
-        f"<h2>Recent history</h2><p class=meta>newest first, last {HTML_HISTORY_LIMIT} per "
-        "section</p><table><tbody>"
-        f"{''.join(hist_rows)}</tbody></table>"
-        "</body></html>\n"
-    )
