@@ -206,3 +206,8 @@ def test_a_broken_deployment_reads_not_ready_names_the_cause_and_links_its_code(
         "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom]", row
     )
     assert 0 <= top < bottom <= browser.execute_script("return window.innerHeight")
+    # The code table reads on a phone too.
+    browser.set_window_size(PHONE_WIDTH, DESKTOP[1])
+    browser.refresh()
+    document, window = fits_the_width(browser)
+    assert window <= PHONE_WIDTH and document <= window

@@ -112,7 +112,9 @@ table{border-collapse:collapse;width:100%;background:var(--card)}
 th,td{text-align:left;vertical-align:top;padding:.45rem .6rem;border-bottom:1px solid var(--line)}
 td{overflow-wrap:anywhere}tr:target{background:rgba(255,200,0,.22)}
 :target{scroll-margin-top:.75rem}
+.codes .badge{white-space:normal}
 @media (max-width:40rem){main{padding:.6rem}.codes thead{display:none}
+.codes,.codes tbody{display:block}
 .codes tr{display:block;border-bottom:1px solid var(--line);padding:.4rem 0}
 .codes td{display:block;border:0;padding:.1rem .5rem}}
 """
