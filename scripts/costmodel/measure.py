@@ -30,7 +30,7 @@ from typing import Any
 
 from deployhealth.model import Section
 from deployhealth.settings import Secret, Settings
-from deployhealth.store import ResultStore, Snapshot
+from deployhealth.store import ReadinessSnapshot, ResultStore, Snapshot
 
 # A metric as CloudWatch bills it: namespace, name, and the dimension names with values.
 Combination = tuple[str, str, tuple[tuple[str, str], ...]]
@@ -181,6 +181,10 @@ class CountingStore:
     def snapshot(self) -> Snapshot:
         self.run.latest_reads += 1
         return self._inner.snapshot()
+
+    def readiness_snapshot(self) -> ReadinessSnapshot:
+        self.run.latest_reads += 1
+        return self._inner.readiness_snapshot()
 
     def latest(self) -> dict[str, Section]:
         self.run.latest_reads += 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import enum
+import json
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -268,9 +270,106 @@ class Section:
 
 def section_failing(name: str, section: Section) -> bool:
     """Coder's rule: access_url fails above ok, every other section at error."""
+    return severity_failing(name, section.severity)
+
+
+def severity_failing(name: str, severity: Severity) -> bool:
+    """`section_failing` for a section of this severity (what a summary knows)."""
     if name == "access_url":
-        return section.severity is not Severity.OK
-    return section.severity is Severity.ERROR
+        return severity is not Severity.OK
+    return severity is Severity.ERROR
+
+
+# How many of a section's latest results hysteresis (READY_FAIL_AFTER, READY_RECOVER_AFTER)
+# looks back on: a summary's runs cover at most this many.
+HYSTERESIS_WINDOW = 100
+
+
+def moves_latest(new: float, current: float, now: float) -> bool:
+    """Whether a result checked at `new` (epoch s) replaces the latest checked at `current`.
+
+    Forward only, except past a latest dated in the future beyond the tolerance (a clock
+    that ran fast): it would otherwise shadow every real result until the clock caught up.
+    """
+    return new > current or current > now + FUTURE_TOLERANCE_SECONDS
+
+
+@dataclass(frozen=True)
+class SectionSummary:
+    """What readiness reads of a stored latest section, kept beside its full body.
+
+    `runs` is the run-length record of the section's results in the order they became latest,
+    oldest first: `(failing, count)` pairs, consecutive pairs differing in `failing`, counts
+    adding up to at most HYSTERESIS_WINDOW; the last run ends with this result. Hysteresis
+    computes its pass/fail state from it (readiness.hysteresis_failing) instead of replaying
+    stored bodies. Always built by `summarize`, so that a summary never disagrees with the
+    section stored beside it.
+    """
+
+    severity: Severity
+    codes: tuple[str, ...]  # distinct, in the section's order (errors first)
+    checked_at: datetime
+    runs: tuple[tuple[bool, int], ...]
+
+    def to_stored(self) -> str:
+        """Compact JSON text: a few dozen bytes, stored beside the body in the same write."""
+        return json.dumps(
+            {
+                "severity": self.severity.value,
+                "codes": list(self.codes),
+                "checked_at": rfc3339(self.checked_at),
+                "runs": [[int(failing), count] for failing, count in self.runs],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_stored(cls, text: str | bytes) -> SectionSummary:
+        data = json.loads(text)
+        return cls(
+            Severity(data["severity"]),
+            tuple(data["codes"]),
+            parse_rfc3339(data["checked_at"]),
+            tuple((bool(failing), int(count)) for failing, count in data["runs"]),
+        )
+
+
+def summarize(
+    name: str,
+    section: Section,
+    previous: SectionSummary | None = None,
+    *,
+    now: float | None = None,
+) -> SectionSummary:
+    """The summary of `section` as it becomes latest, after `previous` (the latest it replaces).
+
+    A previous latest dated more than FUTURE_TOLERANCE_SECONDS ahead of `now` (epoch s, the
+    writer's clock) leaves its own result out of the runs, as replaying history at read time
+    skipped such results; the results before it still count.
+    """
+    failing = section_failing(name, section)
+    runs: list[tuple[bool, int]] = list(previous.runs) if previous is not None else []
+    if previous is not None and runs:
+        clock = time.time() if now is None else now
+        if previous.checked_at.timestamp() > clock + FUTURE_TOLERANCE_SECONDS:
+            last_failing, last_count = runs.pop()
+            if last_count > 1:
+                runs.append((last_failing, last_count - 1))
+    if runs and runs[-1][0] == failing:
+        runs[-1] = (failing, runs[-1][1] + 1)
+    else:
+        runs.append((failing, 1))
+    excess = sum(count for _, count in runs) - HYSTERESIS_WINDOW
+    while excess > 0:  # the oldest results fall out of the window
+        first_failing, first_count = runs[0]
+        if first_count > excess:
+            runs[0] = (first_failing, first_count - excess)
+            break
+        runs.pop(0)
+        excess -= first_count
+    return SectionSummary(
+        section.severity, tuple(dict.fromkeys(section.codes)), section.checked_at, tuple(runs)
+    )
 
 
 @dataclass

@@ -10,6 +10,10 @@ CLI and tests share one rule set:
 - dismissed sections are not gating; excluded ones are listed but not judged;
 - optional hysteresis: fail after N consecutive failing results, recover after M passing.
 
+`evaluate_summaries` judges from the stored summaries (what `/readyz` reads: severity, codes,
+checked time and the run-length record of recent results); `evaluate` from full sections,
+replaying `history` for hysteresis. Both apply the same rules through `_judge`.
+
 What is shown is only check names and codes: `/readyz` is public.
 """
 
@@ -20,11 +24,27 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from deployhealth.model import FUTURE_TOLERANCE_SECONDS, Section, section_failing, utcnow
+from deployhealth.model import (
+    FUTURE_TOLERANCE_SECONDS,
+    HYSTERESIS_WINDOW,
+    Section,
+    SectionSummary,
+    section_failing,
+    severity_failing,
+    summarize,
+    utcnow,
+)
 from deployhealth.settings import Settings
 
-# How many past results are replayed when hysteresis is on.
-HYSTERESIS_WINDOW = 100
+__all__ = [
+    "HYSTERESIS_WINDOW",
+    "CheckStatus",
+    "Readiness",
+    "evaluate",
+    "evaluate_summaries",
+    "gating_sections",
+    "hysteresis_failing",
+]
 
 
 @dataclass(frozen=True)
@@ -93,26 +113,82 @@ def evaluate(
     is configured, so the default path is the single read of `latest`.
     """
     now = now or utcnow()
+    hysteresis = settings.ready_fail_after > 1 or settings.ready_recover_after > 1
     skip = set(excluded)
     checks = []
     for name in sections:
         if name in skip:
             checks.append(CheckStatus(name, "excluded"))
             continue
-        checks.append(_judge(settings, name, latest.get(name), history, now))
+        section = latest.get(name)
+        summary = None if section is None else summarize(name, section)
+        replay: Callable[[], bool] | None = None
+        if hysteresis and history is not None and section is not None:
+            replay = _replayer(settings, name, section, history, now)
+        checks.append(_judge(settings, name, summary, replay, now))
     return Readiness(tuple(checks), now)
+
+
+def evaluate_summaries(
+    settings: Settings,
+    summaries: Mapping[str, SectionSummary],
+    sections: Sequence[str],
+    *,
+    excluded: Iterable[str] = (),
+    now: datetime | None = None,
+) -> Readiness:
+    """`evaluate` from stored summaries: hysteresis reads each summary's runs, no history."""
+    now = now or utcnow()
+    hysteresis = settings.ready_fail_after > 1 or settings.ready_recover_after > 1
+    skip = set(excluded)
+    checks = []
+    for name in sections:
+        if name in skip:
+            checks.append(CheckStatus(name, "excluded"))
+            continue
+        summary = summaries.get(name)
+        replay: Callable[[], bool] | None = None
+        if hysteresis and summary is not None:
+            runs = summary.runs
+
+            def replay(runs: tuple[tuple[bool, int], ...] = runs) -> bool:
+                return hysteresis_failing(
+                    runs, settings.ready_fail_after, settings.ready_recover_after
+                )
+
+        checks.append(_judge(settings, name, summary, replay, now))
+    return Readiness(tuple(checks), now)
+
+
+def _replayer(
+    settings: Settings,
+    name: str,
+    section: Section,
+    history: Callable[[str], list[Section]],
+    now: datetime,
+) -> Callable[[], bool]:
+    def replay() -> bool:
+        # Results dated in the future are not replayed: they would count as the newest.
+        horizon = now + timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+        past = [s for s in history(name) if s.checked_at <= horizon]
+        return _replay(
+            name, past or [section], settings.ready_fail_after, settings.ready_recover_after
+        )
+
+    return replay
 
 
 def _judge(
     settings: Settings,
     name: str,
-    section: Section | None,
-    history: Callable[[str], list[Section]] | None,
+    latest: SectionSummary | None,
+    replay: Callable[[], bool] | None,
     now: datetime,
 ) -> CheckStatus:
-    if section is None:
+    """One section's verdict; `replay()` gives the hysteresis state when it applies."""
+    if latest is None:
         return CheckStatus(name, "failed", "no result yet")
-    age = (now - section.checked_at).total_seconds()
+    age = (now - latest.checked_at).total_seconds()
     if -age > FUTURE_TOLERANCE_SECONDS:
         return CheckStatus(
             name,
@@ -126,25 +202,36 @@ def _judge(
             "failed",
             f"stale: last result {age:.0f} s ago (limit {settings.stale_after:.0f} s)",
         )
-    failing = section_failing(name, section)
-    hysteresis = settings.ready_fail_after > 1 or settings.ready_recover_after > 1
-    if hysteresis and history is not None:
-        # Results dated in the future are not replayed: they would count as the newest.
-        horizon = now + timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
-        past = [s for s in history(name) if s.checked_at <= horizon]
-        failing = _replay(
-            name, past or [section], settings.ready_fail_after, settings.ready_recover_after
-        )
+    newest_failing = severity_failing(name, latest.severity)
+    failing = replay() if replay is not None else newest_failing
     if not failing:
         return CheckStatus(name, "ok")
     # A failing section without a code (a DERP region whose nodes failed) still says why.
-    codes = tuple(dict.fromkeys(section.codes)) or (f"severity {section.severity.value}",)
-    if not section_failing(name, section):
+    codes = latest.codes or (f"severity {latest.severity.value}",)
+    if not newest_failing:
         # Held failed by hysteresis while the newest result already passes.
         return CheckStatus(
             name, "failed", f"recovering ({settings.ready_recover_after} passing needed)", codes
         )
     return CheckStatus(name, "failed", " ".join(codes), codes)
+
+
+def hysteresis_failing(
+    runs: Sequence[tuple[bool, int]], fail_after: int, recover_after: int
+) -> bool:
+    """`_replay`'s state machine over a run-length record (oldest first), in O(runs).
+
+    Within a failing run the count of consecutive failures climbs from 1 to its length, so
+    the state turns failing when the run reaches `fail_after`; a passing run likewise.
+    """
+    failing = False
+    for run_failing, count in runs:
+        if run_failing:
+            if count >= fail_after:
+                failing = True
+        elif count >= recover_after:
+            failing = False
+    return failing
 
 
 def _replay(name: str, newest_first: list[Section], fail_after: int, recover_after: int) -> bool:

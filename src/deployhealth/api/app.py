@@ -55,11 +55,12 @@ from deployhealth.model import (
     parse_rfc3339,
     utcnow,
 )
-from deployhealth.readiness import HYSTERESIS_WINDOW, Readiness, evaluate, gating_sections
+from deployhealth.readiness import Readiness, evaluate_summaries, gating_sections
 from deployhealth.redact import Redactor
 from deployhealth.settings import Settings, SettingsError, load_settings
 from deployhealth.store import (
     LazyStore,
+    ReadinessSnapshot,
     ResultStore,
     Snapshot,
     StoreUnavailable,
@@ -142,7 +143,7 @@ class ApiContext:
         # stored results are read again only after this many seconds (0: every request).
         # Results change once per check interval, so a few seconds hide nothing.
         self.readiness_cache_seconds = readiness_cache_seconds
-        self._snapshot_cache: tuple[float, Snapshot] | None = None
+        self._snapshot_cache: tuple[float, ReadinessSnapshot] | None = None
         if metrics is None and settings is not None:
             metrics = MetricsSink(settings.metrics_namespace, settings.name, None)
         self.metrics = metrics
@@ -177,15 +178,15 @@ class ApiContext:
             self._own_store.open()
         return self._store
 
-    def readiness_snapshot(self, store: ResultStore) -> Snapshot:
-        """The stored latest results and dismissals, at most `readiness_cache_seconds` old."""
+    def readiness_snapshot(self, store: ResultStore) -> ReadinessSnapshot:
+        """The latest results' summaries and dismissals, at most `readiness_cache_seconds` old."""
         if self.readiness_cache_seconds <= 0:
-            return store.snapshot()
+            return store.readiness_snapshot()
         now = time.monotonic()
         cached = self._snapshot_cache
         if cached is not None and now - cached[0] < self.readiness_cache_seconds:
             return cached[1]
-        snapshot = store.snapshot()
+        snapshot = store.readiness_snapshot()
         self._snapshot_cache = (now, snapshot)
         return snapshot
 
@@ -238,6 +239,9 @@ class _GuardedStore:
 
     def snapshot(self) -> Snapshot:
         return self._call(self._store.snapshot)
+
+    def readiness_snapshot(self) -> ReadinessSnapshot:
+        return self._call(self._store.readiness_snapshot)
 
     def latest(self) -> dict[str, Section]:
         return self._call(self._store.latest)
@@ -820,20 +824,18 @@ def build_router(ctx: ApiContext) -> Router:
         try:
             settings = ctx.settings
             store = ctx.store()
-            # One read: latest sections and dismissed settings come together.
+            # One read of small summaries: latest sections' verdict inputs (hysteresis state
+            # included, so no history is read) and dismissed settings come together.
             snapshot = ctx.readiness_snapshot(store)
             if snapshot.problem:
                 # Results that can be read but no longer written: name the store's fault
                 # rather than let each section go stale one by one.
                 raise StoreUnavailable(store.description, snapshot.problem)
-            latest = snapshot.latest
             dismissed = ctx.dismissed(snapshot.dismissed)
             sections = [only] if only else gating_sections(settings, dismissed)
-
-            def history(name: str) -> list[Section]:
-                return store.history(name, limit=HYSTERESIS_WINDOW)
-
-            readiness = evaluate(settings, latest, sections, excluded=excluded, history=history)
+            readiness = evaluate_summaries(
+                settings, snapshot.summaries, sections, excluded=excluded
+            )
         except (StoreUnavailable, SettingsError) as exc:
             # Unknown is not ready: a store that cannot be read says nothing about health.
             if record and ctx.metrics is not None:

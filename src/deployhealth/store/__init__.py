@@ -7,8 +7,13 @@ Both keep the same promises, checked by one contract suite (tests/test_store_con
   unless the stored latest is dated more than `FUTURE_TOLERANCE_SECONDS` ahead of the
   writer's clock (a clock that ran fast): then any put replaces it, or it would shadow every
   real result until the clock caught up;
-- `snapshot` reads every latest section and the dismissed settings in one request, which is
-  all `/readyz` needs;
+- `snapshot` reads every latest section and the dismissed settings in one request;
+- `readiness_snapshot` reads the same in one request but only each latest section's summary
+  (`model.SectionSummary`: severity, codes, checked time, the run-length record hysteresis
+  needs), never the bodies: that is all `/readyz` needs, and its cost does not grow with a
+  section's size. A summary is derived from its section by `model.summarize` and written in
+  the same statement (item) as the body, so the two never disagree; a latest stored before
+  summaries existed is summarised from its body on read;
 - history is bounded by a retention (DynamoDB TTL, pruning in SQLite);
 - any backend failure surfaces as `StoreUnavailable`, naming the store and never a secret;
 - `Snapshot.problem` names a fault the store knows of in its own writes (the last put failed:
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from deployhealth.model import Section
+from deployhealth.model import Section, SectionSummary
 from deployhealth.settings import StoreLocation
 
 
@@ -47,11 +52,23 @@ class Snapshot:
     problem: str = ""
 
 
+@dataclass(frozen=True)
+class ReadinessSnapshot:
+    """What `/readyz` reads: the summary of every latest section, and the dismissed ones."""
+
+    summaries: dict[str, SectionSummary]
+    dismissed: tuple[str, ...] | None  # None: never set through the settings API
+    problem: str = ""  # as Snapshot.problem
+
+
 class ResultStore(Protocol):
     description: str
 
     def snapshot(self) -> Snapshot:
         """The latest section of every family and the dismissed sections, in one request."""
+
+    def readiness_snapshot(self) -> ReadinessSnapshot:
+        """The summaries of every latest section and the dismissed sections, in one request."""
 
     def put(self, name: str, section: Section) -> None:
         """Add `section` to the history of `name`, and make it latest unless a newer one is."""
@@ -116,6 +133,9 @@ class LazyStore:
 
     def snapshot(self) -> Snapshot:
         return self.open().snapshot()
+
+    def readiness_snapshot(self) -> ReadinessSnapshot:
+        return self.open().readiness_snapshot()
 
     def put(self, name: str, section: Section) -> None:
         self.open().put(name, section)

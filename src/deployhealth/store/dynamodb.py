@@ -7,13 +7,22 @@ Single-table design (keys `pk` S, `sk` S; TTL attribute `expires_at`, epoch seco
                       sk `<checked_at RFC 3339 with microseconds>#<random>`, `expires_at` set;
 - dismissed sections: pk `<deployment>#latest`, sk `#settings#dismissed`.
 
-All latest sections of a deployment and its settings share one partition, so `snapshot()`,
-all that readiness reads, is one Query. (Section names never start with `#`.) History
-sort keys are fixed-width UTC timestamps, so they order by time and `since` is a key condition.
+All latest sections of a deployment and its settings share one partition, so `snapshot()` is
+one Query, and so is `readiness_snapshot()`, all that readiness reads: it projects each latest
+item's `summary` (small JSON, `model.SectionSummary`) and leaves the bodies on the server.
+(Section names never start with `#`.) History sort keys are fixed-width UTC timestamps, so
+they order by time and `since` is a key condition.
 The section body is JSON rather than a DynamoDB map: DynamoDB has no floats (boto3 would hand
 back Decimals) and JSON round-trips every nested value exactly. It is stored zlib-compressed
 in the binary attribute `bodyz` (fewer write units, further from the 400 KB item limit);
-items written before that carry the JSON text in `body`, and are still read.
+items written before that carry the JSON text in `body`, and are still read. A latest item
+written before summaries has no `summary`: readiness reads its body instead, once per request,
+until the next put replaces it.
+
+A put reads the latest item's summary (GetItem, projected) to carry its run-length record of
+recent results forward, then writes the new latest conditionally on the item being unchanged
+since, so two writers cannot lose each other's result from the record; a writer that lost
+the race reads again (_LATEST_ATTEMPTS in all).
 
 boto3 is imported here and nowhere else on the API's path: the API function's cold start
 should not pay for it unless the store really is DynamoDB.
@@ -22,6 +31,7 @@ should not pay for it unless the store really is DynamoDB.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 import time
@@ -36,8 +46,17 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from deployhealth.model import FUTURE_TOLERANCE_SECONDS, Section, rfc3339
-from deployhealth.store import Snapshot, StoreUnavailable
+from deployhealth.model import (
+    FUTURE_TOLERANCE_SECONDS,
+    Section,
+    SectionSummary,
+    moves_latest,
+    rfc3339,
+    summarize,
+)
+from deployhealth.store import ReadinessSnapshot, Snapshot, StoreUnavailable
+
+logger = logging.getLogger(__name__)
 
 # Short timeouts and one retry: the API answers readiness probes from this store, and a
 # probe that hangs on a dead endpoint is worse than a prompt "store unavailable" (503).
@@ -50,6 +69,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DISMISSED_SK = "#settings#dismissed"
 # A stored section is far smaller; the cap only bounds what a damaged item can cost.
 _MAX_BODY_BYTES = 16 * 1024 * 1024
+# Conditional writes of the latest item before giving up on an exact record: each failed
+# one means another writer's result landed in between, so more than a few only happens
+# when many writers race on one section (one check function writes each).
+_LATEST_ATTEMPTS = 3
 
 
 class DynamoDBStore:
@@ -98,29 +121,111 @@ class DynamoDBStore:
                     "expires_at": {"N": str(expires_at)},
                 },
             )
+            self._put_latest(name, section, body, checked_at)
+
+    def _put_latest(self, name: str, section: Section, body: bytes, checked_at: str) -> None:
+        """Make `section` latest if it moves latest forward, its summary carried on."""
+        key = {"pk": {"S": self._latest_pk}, "sk": {"S": name}}
+        new = float(Decimal(checked_at))
+        summary = ""
+        for _ in range(_LATEST_ATTEMPTS):
+            now = time.time()
+            current = self._client.get_item(
+                TableName=self._table,
+                Key=key,
+                ConsistentRead=True,
+                ProjectionExpression="checked_at, #s",
+                ExpressionAttributeNames={"#s": "summary"},
+            ).get("Item")
+            if current is not None and not moves_latest(
+                new, float(Decimal(current["checked_at"]["N"])), now
+            ):
+                return  # a newer result is latest: this late one only joins history
+            previous: SectionSummary | None = None
+            values: dict[str, Any] = {}
+            if current is None:
+                condition = "attribute_not_exists(pk)"
+            elif "summary" in current:
+                previous = SectionSummary.from_stored(current["summary"]["S"])
+                condition = "checked_at = :was AND #s = :summary"
+                values = {":was": current["checked_at"], ":summary": current["summary"]}
+            else:
+                # Written before summaries: its body says what it was.
+                previous = self._summary_from_body(name)
+                condition = "checked_at = :was AND attribute_not_exists(#s)"
+                values = {":was": current["checked_at"]}
+            summary = summarize(name, section, previous, now=now).to_stored()
             try:
                 self._client.put_item(
                     TableName=self._table,
-                    Item={
-                        "pk": {"S": self._latest_pk},
-                        "sk": {"S": name},
-                        "bodyz": {"B": body},
-                        "checked_at": {"N": checked_at},
-                    },
-                    # Forward only, except past a latest dated in the future beyond the
-                    # tolerance (a clock that ran fast): it would shadow every real result.
-                    ConditionExpression=(
-                        "attribute_not_exists(pk) OR checked_at < :new OR checked_at > :future"
-                    ),
-                    ExpressionAttributeValues={
-                        ":new": {"N": checked_at},
-                        ":future": {"N": str(time.time() + FUTURE_TOLERANCE_SECONDS)},
-                    },
+                    Item={**key, "bodyz": {"B": body}, "checked_at": {"N": checked_at},
+                          "summary": {"S": summary}},
+                    # The item as read: a writer that slipped in between fails this.
+                    ConditionExpression=condition,
+                    ExpressionAttributeNames={"#s": "summary"} if "#s" in condition else {},
+                    **({"ExpressionAttributeValues": values} if values else {}),
                 )
+                return
             except ClientError as exc:
-                # A newer result is already latest: this late one only joins history.
                 if _error_code(exc) != "ConditionalCheckFailedException":
                     raise
+        # Still racing: keep the promise that matters (latest moves forward only) and accept
+        # that the run-length record may miss the results that landed meanwhile.
+        logger.warning(
+            "result store %s: %d writers raced on the latest %s result; its hysteresis record "
+            "may miss a result", self.description, _LATEST_ATTEMPTS, name,
+        )
+        try:
+            self._client.put_item(
+                TableName=self._table,
+                Item={**key, "bodyz": {"B": body}, "checked_at": {"N": checked_at},
+                      "summary": {"S": summary}},
+                ConditionExpression=(
+                    "attribute_not_exists(pk) OR checked_at < :new OR checked_at > :future"
+                ),
+                ExpressionAttributeValues={
+                    ":new": {"N": checked_at},
+                    ":future": {"N": str(time.time() + FUTURE_TOLERANCE_SECONDS)},
+                },
+            )
+        except ClientError as exc:
+            # A newer result is already latest: this late one only joins history.
+            if _error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    def _summary_from_body(self, name: str) -> SectionSummary | None:
+        """The summary of a latest item stored before summaries, from its body (one GetItem)."""
+        item = self._client.get_item(
+            TableName=self._table,
+            Key={"pk": {"S": self._latest_pk}, "sk": {"S": name}},
+            ConsistentRead=True,
+        ).get("Item")
+        return None if item is None else summarize(name, _section(item))
+
+    def readiness_snapshot(self) -> ReadinessSnapshot:
+        summaries: dict[str, SectionSummary] = {}
+        dismissed: tuple[str, ...] | None = None
+        with self._translate():
+            for item in self._query(
+                KeyConditionExpression="pk = :pk",
+                ExpressionAttributeValues={":pk": {"S": self._latest_pk}},
+                # Summaries and the setting only: the bodies stay on the server.
+                ProjectionExpression="sk, #s, #v",
+                ExpressionAttributeNames={"#s": "summary", "#v": "value"},
+                ConsistentRead=True,
+            ):
+                sk = item["sk"]["S"]
+                if sk == _DISMISSED_SK:
+                    dismissed = tuple(json.loads(item["value"]["S"]))
+                elif sk.startswith("#"):
+                    continue
+                elif "summary" in item:
+                    summaries[sk] = SectionSummary.from_stored(item["summary"]["S"])
+                else:
+                    old = self._summary_from_body(sk)
+                    if old is not None:
+                        summaries[sk] = old
+        return ReadinessSnapshot(summaries, dismissed)
 
     def snapshot(self) -> Snapshot:
         latest: dict[str, Section] = {}

@@ -30,8 +30,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from deployhealth.model import FUTURE_TOLERANCE_SECONDS, Section
-from deployhealth.store import Snapshot, StoreUnavailable
+from deployhealth.model import (
+    Section,
+    SectionSummary,
+    moves_latest,
+    summarize,
+)
+from deployhealth.store import ReadinessSnapshot, Snapshot, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ CREATE TABLE IF NOT EXISTS latest (
     section TEXT NOT NULL,
     checked_at REAL NOT NULL,
     body TEXT NOT NULL,
+    summary TEXT,
     PRIMARY KEY (deployment, section)
 );
 CREATE TABLE IF NOT EXISTS history (
@@ -90,20 +96,49 @@ class SQLiteStore:
     # --- the ResultStore protocol ---------------------------------------------------
 
     def put(self, name: str, section: Section) -> None:
-        stamp = section.checked_at.timestamp()
         body = json.dumps(section.to_stored())
 
         def work(db: sqlite3.Connection) -> None:
             # Held under the write lock, and before the commit: a result this process made
             # is written back into a recreated file even if this put failed.
             self._hold(name, section)
-            self._insert(db, name, stamp, body)
+            now = time.time()
+            db.execute(
+                "INSERT INTO history (deployment, section, checked_at, body) VALUES (?, ?, ?, ?)",
+                (self._deployment, name, section.checked_at.timestamp(), body),
+            )
+            self._put_latest(db, name, section, body, now)
             db.execute(
                 "DELETE FROM history WHERE deployment = ? AND checked_at < ?",
-                (self._deployment, time.time() - self._retention_s),
+                (self._deployment, now - self._retention_s),
             )
 
         self._write(work)
+
+    def readiness_snapshot(self) -> ReadinessSnapshot:
+        # One statement, so one implicit read transaction: the same view of the file for the
+        # summaries and the dismissed setting. Bodies are read only for rows stored before
+        # summaries existed (summary NULL), to summarise them here.
+        rows = self._read(
+            lambda db: db.execute(
+                """SELECT section, summary, CASE WHEN summary IS NULL THEN body END
+                   FROM latest WHERE deployment = ?
+                   UNION ALL
+                   SELECT NULL, value, NULL FROM settings
+                   WHERE deployment = ? AND key = 'dismissed'""",
+                (self._deployment, self._deployment),
+            ).fetchall()
+        )
+        summaries: dict[str, SectionSummary] = {}
+        dismissed: tuple[str, ...] | None = None
+        for name, summary, body in rows:
+            if name is None:
+                dismissed = tuple(json.loads(summary))
+            else:
+                summaries[name] = _summary_of(name, summary, body)
+        fault = self._fault
+        problem = f"results cannot be stored: {fault}" if fault else ""
+        return ReadinessSnapshot(summaries, dismissed, problem)
 
     def snapshot(self) -> Snapshot:
         def work(db: sqlite3.Connection) -> tuple[list[tuple[str, str]], tuple[str] | None]:
@@ -177,24 +212,39 @@ class SQLiteStore:
 
     def _hold(self, name: str, section: Section) -> None:
         held = self._held_latest.get(name)
-        if held is None or _replaces(section.checked_at.timestamp(), held.checked_at.timestamp()):
+        if held is None or moves_latest(
+            section.checked_at.timestamp(), held.checked_at.timestamp(), time.time()
+        ):
             self._held_latest[name] = section
 
     # --- statements -----------------------------------------------------------------
 
-    def _insert(self, db: sqlite3.Connection, name: str, stamp: float, body: str) -> None:
+    def _put_latest(
+        self, db: sqlite3.Connection, name: str, section: Section, body: str, now: float
+    ) -> None:
+        """Make `section` latest if it moves latest forward, with its summary, in one statement.
+
+        Read and written inside the caller's write transaction (BEGIN IMMEDIATE holds the
+        file's write lock), so no other writer can slip in between and lose a result from
+        the summary's runs.
+        """
+        stamp = section.checked_at.timestamp()
+        row = db.execute(
+            """SELECT checked_at, summary, CASE WHEN summary IS NULL THEN body END
+               FROM latest WHERE deployment = ? AND section = ?""",
+            (self._deployment, name),
+        ).fetchone()
+        if row is not None and not moves_latest(stamp, row[0], now):
+            return  # a newer result is latest: this late one only joins history
+        previous = None if row is None else _summary_of(name, row[1], row[2])
+        summary = summarize(name, section, previous, now=now).to_stored()
         db.execute(
-            "INSERT INTO history (deployment, section, checked_at, body) VALUES (?, ?, ?, ?)",
-            (self._deployment, name, stamp, body),
-        )
-        # Latest moves forward only, except past a result dated in the future beyond the
-        # tolerance: it would otherwise shadow every real result until the clock caught up.
-        db.execute(
-            """INSERT INTO latest (deployment, section, checked_at, body) VALUES (?, ?, ?, ?)
+            """INSERT INTO latest (deployment, section, checked_at, body, summary)
+               VALUES (?, ?, ?, ?, ?)
                ON CONFLICT (deployment, section) DO UPDATE
-               SET checked_at = excluded.checked_at, body = excluded.body
-               WHERE excluded.checked_at > latest.checked_at OR latest.checked_at > ?""",
-            (self._deployment, name, stamp, body, time.time() + FUTURE_TOLERANCE_SECONDS),
+               SET checked_at = excluded.checked_at, body = excluded.body,
+                   summary = excluded.summary""",
+            (self._deployment, name, stamp, body, summary),
         )
 
     def _insert_dismissed(self, db: sqlite3.Connection, value: str) -> None:
@@ -214,6 +264,7 @@ class SQLiteStore:
                 # One connection: a second ":memory:" connection would be another database.
                 db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
                 db.executescript(_SCHEMA)
+                _migrate(db)
                 return db, db, (0, 0)
             path = Path(self._path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +284,7 @@ class SQLiteStore:
             opened.append(writer)
             writer.execute("PRAGMA journal_mode=WAL")
             writer.executescript(_SCHEMA)
+            _migrate(writer)
             reader = sqlite3.connect(
                 self._path, check_same_thread=False, timeout=READ_BUSY_TIMEOUT_SECONDS,
                 isolation_level=None,
@@ -331,9 +383,11 @@ class SQLiteStore:
         db = self._writer
         try:
             db.execute("BEGIN IMMEDIATE")
+            now = time.time()
             for name, section in self._held_latest.items():
                 body = json.dumps(section.to_stored())
-                self._insert(db, name, section.checked_at.timestamp(), body)
+                # The runs start again from here in a recreated file (it has no previous).
+                self._put_latest(db, name, section, body, now)
             if self._held_dismissed is not None:
                 self._insert_dismissed(db, self._held_dismissed)
             db.execute("COMMIT")
@@ -381,8 +435,25 @@ class SQLiteStore:
                 db.close()
 
 
-def _replaces(new: float, held: float) -> bool:
-    return new > held or held > time.time() + FUTURE_TOLERANCE_SECONDS
+def _summary_of(name: str, summary: str | None, body: str | None) -> SectionSummary:
+    """A stored summary, or one made from the body of a row stored before summaries."""
+    if summary is not None:
+        return SectionSummary.from_stored(summary)
+    assert body is not None  # the statements read the body exactly when summary is NULL
+    return summarize(name, Section.from_stored(json.loads(body)))
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file written by an older release up to the schema (idempotent)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(latest)")}
+    if "summary" not in columns:
+        # NULL in the old rows: they are summarised from their body until replaced.
+        try:
+            db.execute("ALTER TABLE latest ADD COLUMN summary TEXT")
+        except sqlite3.OperationalError as exc:
+            # Another process opening the same old file added it first.
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _problem(exc: BaseException) -> str:
