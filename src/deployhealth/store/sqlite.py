@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from deployhealth.model import (
+    SECTION_NAMES,
     Section,
     SectionSummary,
     moves_latest,
@@ -108,9 +109,16 @@ class SQLiteStore:
                 (self._deployment, name, section.checked_at.timestamp(), body),
             )
             self._put_latest(db, name, section, body, now)
+            # Retention, one index range per section: (deployment, section, checked_at) finds
+            # the expired rows of each directly. Without `section` the delete walked every
+            # stored row of the deployment on every put (17 ms at 100k rows). The known
+            # sections are all pruned, as before, so one that stopped reporting still expires.
+            names = dict.fromkeys((name, *SECTION_NAMES))
+            marks = ", ".join("?" * len(names))
             db.execute(
-                "DELETE FROM history WHERE deployment = ? AND checked_at < ?",
-                (self._deployment, now - self._retention_s),
+                f"DELETE FROM history WHERE deployment = ? AND section IN ({marks})"
+                " AND checked_at < ?",
+                (self._deployment, *names, now - self._retention_s),
             )
 
         self._write(work)
