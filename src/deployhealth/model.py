@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import json
 import time
 import uuid
@@ -324,14 +325,21 @@ class SectionSummary:
         )
 
     @classmethod
-    def from_stored(cls, text: str | bytes) -> SectionSummary:
-        data = json.loads(text)
-        return cls(
-            Severity(data["severity"]),
-            tuple(data["codes"]),
-            parse_rfc3339(data["checked_at"]),
-            tuple((bool(failing), int(count)) for failing, count in data["runs"]),
-        )
+    def from_stored(cls, text: str) -> SectionSummary:
+        return _summary_from_text(text)
+
+
+# A stored summary changes once per check interval and is read on every /readyz: each text
+# is decoded once. Summaries are immutable, so sharing one between readers is safe.
+@functools.lru_cache(maxsize=256)
+def _summary_from_text(text: str) -> SectionSummary:
+    data = json.loads(text)
+    return SectionSummary(
+        Severity(data["severity"]),
+        tuple(data["codes"]),
+        parse_rfc3339(data["checked_at"]),
+        tuple((bool(failing), int(count)) for failing, count in data["runs"]),
+    )
 
 
 def summarize(
