@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -93,6 +94,9 @@ class MetricsSink:
         self.deployment = deployment
         self.stream = stream
         self._lock = threading.Lock()
+        # Every /readyz writes a Ready record; all of it but the timestamp and the value is
+        # the same each time, so it is built (through Powertools) once, here.
+        self._ready = _ReadyTemplate(self._record(*self._ready_parts(0)))
 
     def section(self, name: str, section: Section) -> dict[str, Any]:
         """The section's one record: SectionSeverity, and every other value as a property."""
@@ -118,9 +122,14 @@ class MetricsSink:
         )
 
     def ready(self, ready: bool) -> dict[str, Any]:
-        return self._emit(
-            {"Deployment": self.deployment}, Datum(READY, MetricUnit.Count, int(ready)), {}
-        )
+        record, line = self._ready.fill(int(time.time() * 1000), int(ready))
+        if line is None:  # Powertools changed its record's shape: the general path
+            return self._emit(*self._ready_parts(int(ready)))
+        self._write(line)
+        return record
+
+    def _ready_parts(self, value: int) -> tuple[dict[str, str], Datum, dict[str, Any]]:
+        return {"Deployment": self.deployment}, Datum(READY, MetricUnit.Count, value), {}
 
     def _emit(
         self, dimensions: dict[str, str], datum: Datum, properties: dict[str, Any]
@@ -131,11 +140,14 @@ class MetricsSink:
         if len(line) > MAX_RECORD_BYTES:  # ASCII (json.dumps escapes the rest): chars = bytes
             record = self._record(dimensions, datum, _without_item_lists(bounded))
             line = _line(record)
+        self._write(line)
+        return record
+
+    def _write(self, line: str) -> None:
         if self.stream is not None:
             with self._lock:
                 self.stream.write(line + "\n")
                 self.stream.flush()
-        return record
 
     def _record(
         self, dimensions: dict[str, str], datum: Datum, properties: dict[str, Any]
@@ -157,6 +169,37 @@ class MetricsSink:
         scalars = [k for k, v in properties.items() if not isinstance(v, list)]
         lists = [k for k, v in properties.items() if isinstance(v, list)]
         return {key: serialized[key] for key in [*head, *scalars, *lists]}
+
+
+class _ReadyTemplate:
+    """The Ready record built once, its timestamp and value filled in per call.
+
+    The line is the template's own JSON text cut at the two numbers that change, so it is
+    byte for byte what `_emit` writes for the same timestamp and value.
+    """
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self._record = record
+        aws = record["_aws"]
+        keys = list(record)
+        # The shape this relies on: `_aws` first with `Timestamp` first in it, and the metric
+        # value last. If Powertools ever builds it otherwise, `fill` says so (None).
+        self._ok = keys[0] == "_aws" and keys[-1] == READY and next(iter(aws)) == "Timestamp"
+        self._prefix = self._middle = ""
+        if self._ok:
+            text = _line({**record, "_aws": {**aws, "Timestamp": 0}, READY: 0})
+            head, tail = '{"_aws":{"Timestamp":0', f',"{READY}":0}}'
+            self._ok = text.startswith(head) and text.endswith(tail)
+            self._prefix = '{"_aws":{"Timestamp":'
+            self._middle = text[len(head) : -len(tail)] + f',"{READY}":'
+
+    def fill(self, timestamp: int, value: int) -> tuple[dict[str, Any], str | None]:
+        record = dict(self._record)
+        record["_aws"] = {**self._record["_aws"], "Timestamp": timestamp}
+        record[READY] = value
+        if not self._ok:
+            return record, None
+        return record, f"{self._prefix}{timestamp}{self._middle}{value}}}"
 
 
 def _line(record: dict[str, Any]) -> str:
