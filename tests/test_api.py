@@ -421,6 +421,27 @@ def test_readyz_applies_hysteresis_from_history(api: Api, make_api: ApiFactory) 
     assert api.get("/readyz").status_code == 503
 
 
+def test_readyz_hysteresis_fails_after_n_and_recovers_after_m(
+    api: Api, make_api: ApiFactory
+) -> None:
+    held = make_api(ready_fail_after=2, ready_recover_after=2)
+    now = datetime.now(UTC)
+    api.seed("access_url", ok_section())
+    steps = [
+        (failing_section("EDB01", checked_at=now - timedelta(seconds=40)), 200, "ok"),
+        (failing_section("EDB01", checked_at=now - timedelta(seconds=30)), 503, "EDB01"),
+        (ok_section(checked_at=now - timedelta(seconds=20)), 503, "recovering"),
+        (ok_section(checked_at=now - timedelta(seconds=10)), 200, "ok"),
+    ]
+    for section, status, said in steps:
+        api.seed("database", section)
+        answer = held.get("/readyz/database?verbose")
+        assert (answer.status_code, said in answer.text) == (status, True), answer.text
+    # A late failing result joins history only: it counts for neither latest nor hysteresis.
+    api.seed("database", failing_section("EDB01", checked_at=now - timedelta(seconds=15)))
+    assert held.get("/readyz").status_code == 200
+
+
 @pytest.mark.parametrize("store_kind", ["sqlite", "dynamodb"])
 def test_unreadable_store_is_503_naming_the_store(
     tmp_path: Path, unreadable_db: Path, monkeypatch: pytest.MonkeyPatch, store_kind: str

@@ -181,6 +181,30 @@ def test_ready_record_has_only_the_deployment_dimension(sink):
     assert value(record, "Ready") == 0
 
 
+def test_ready_record_is_what_powertools_builds_for_it(sink):
+    # The Ready record is built once and filled in per answer: it must stay, byte for byte,
+    # the record Powertools makes (with the value as a plain number, as every record has).
+    from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
+        AmazonCloudWatchEMFProvider,
+    )
+
+    metrics, stream = sink
+    for ready in (True, False, True):
+        metrics.ready(ready)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    for line, expected_value in zip(lines, (1, 0, 1), strict=True):
+        timestamp = json.loads(line)["_aws"]["Timestamp"]
+        provider = AmazonCloudWatchEMFProvider(namespace=NAMESPACE, service="")
+        provider.add_dimension(name="Deployment", value=DEPLOYMENT)
+        provider.add_metric(name="Ready", unit="Count", value=expected_value)
+        provider.set_timestamp(timestamp)
+        built = provider.serialize_metric_set()
+        built["Ready"] = expected_value
+        expected = {key: built[key] for key in ("_aws", "Deployment", "Ready")}
+        assert line == json.dumps(expected, separators=(",", ":"))
+
+
 # --- the metric set does not grow with the deployment -----------------------------------
 
 

@@ -11,9 +11,11 @@ import http.server
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,8 +23,16 @@ from pathlib import Path
 import boto3
 import pytest
 
-from deployhealth.model import SECTION_NAMES, Finding, Section, Severity
-from deployhealth.settings import load_settings
+from deployhealth import readiness
+from deployhealth.model import (
+    HYSTERESIS_WINDOW,
+    SECTION_NAMES,
+    Finding,
+    Section,
+    Severity,
+    summarize,
+)
+from deployhealth.settings import Settings, load_settings
 from deployhealth.store import ResultStore, StoreUnavailable, open_store
 from deployhealth.store.dynamodb import DynamoDBStore
 from deployhealth.store.sqlite import SQLiteStore
@@ -244,6 +254,161 @@ def test_concurrent_puts_all_land_and_latest_is_newest(store: ResultStore) -> No
     assert store.latest()["websocket"].checked_at == everything[-1]
 
 
+# --- the summaries readiness reads -----------------------------------------------------
+
+
+def coded(
+    checked_at: datetime, severity: Severity, *codes: str, message_only: str = ""
+) -> Section:
+    """A section whose findings carry `codes` at `severity` (repeats kept, as families do)."""
+    findings = [Finding(code, f"{code} happened", severity) for code in codes]
+    if message_only:
+        findings.append(Finding(message_only, "for information", Severity.OK))
+    result = Section.from_findings(findings, {"which": f"{severity.value} {codes}"})
+    result.severity = severity
+    result.checked_at = checked_at
+    return result
+
+
+def assert_summaries_agree(store: ResultStore, settings: Settings) -> None:
+    """Every summary says what its stored body says, and readiness judges both alike."""
+    full = store.snapshot()
+    brief = store.readiness_snapshot()
+    assert brief.dismissed == full.dismissed
+    assert brief.problem == full.problem
+    assert brief.summaries.keys() == full.latest.keys()
+    for name, section in full.latest.items():
+        summary = brief.summaries[name]
+        derived = summarize(name, section)
+        assert (summary.severity, summary.codes, summary.checked_at) == (
+            derived.severity,
+            derived.codes,
+            derived.checked_at,
+        ), name
+    now = datetime.now(UTC)
+    names = list(SECTION_NAMES)
+    assert readiness.evaluate_summaries(
+        settings, brief.summaries, names, now=now
+    ) == readiness.evaluate(settings, full.latest, names, now=now)
+
+
+def test_summaries_agree_with_the_stored_sections(store: ResultStore) -> None:
+    settings = Settings()
+    assert store.readiness_snapshot().summaries == {}
+    assert_summaries_agree(store, settings)
+
+    store.put("access_url", coded(recent(30), Severity.OK))
+    store.put("access_url", coded(recent(20), Severity.WARNING, "EACS04"))
+    store.put(
+        "database", coded(recent(5), Severity.ERROR, "EDB01", "EDB02", "EDB01", message_only="X1")
+    )
+    store.put("websocket", coded(recent(5), Severity.WARNING, "EWS03", message_only="EWS99"))
+    store.put("derp", coded(recent(5), Severity.ERROR))  # failing without a code
+    store.put("entitlements", coded(recent(5), Severity.OK))
+    store.set_dismissed(["provisioner_daemons"])
+    assert_summaries_agree(store, settings)
+    summary = store.readiness_snapshot().summaries["database"]
+    assert summary.codes == ("EDB01", "EDB02", "X1")  # distinct, errors first
+
+    # A late result joins history only: latest, its summary and the verdict stay.
+    store.put("database", coded(recent(60), Severity.OK))
+    assert store.readiness_snapshot().summaries["database"].severity is Severity.ERROR
+    assert_summaries_agree(store, settings)
+
+    # Dated an hour ahead: stored as latest, failed by readiness, then replaced by real ones.
+    store.put("websocket", coded(recent(-3600), Severity.OK))
+    assert_summaries_agree(store, settings)
+    store.put("websocket", coded(recent(1), Severity.ERROR, "EWS01"))
+    assert store.readiness_snapshot().summaries["websocket"].codes == ("EWS01",)
+    assert_summaries_agree(store, settings)
+
+
+def verdicts_both_ways(store: ResultStore, name: str, settings: Settings) -> tuple[str, str]:
+    """The reason readiness gives from the summaries, and from replaying history."""
+    now = datetime.now(UTC)
+    from_summary = readiness.evaluate_summaries(
+        settings, store.readiness_snapshot().summaries, [name], now=now
+    )
+    replayed = readiness.evaluate(
+        settings,
+        store.latest(),
+        [name],
+        history=lambda n: store.history(n, limit=HYSTERESIS_WINDOW),
+        now=now,
+    )
+    return from_summary.checks[0].line(), replayed.checks[0].line()
+
+
+@pytest.mark.parametrize("name", ["database", "access_url"])
+def test_hysteresis_from_summaries_matches_replaying_history(
+    store: ResultStore, name: str
+) -> None:
+    # A run of passes, failures that do and do not reach the thresholds, and recoveries;
+    # access_url fails from warning on, the others at error only.
+    pattern = "PPFPFFPFFFPPFPPPFFFFPPPP"
+    bad = Severity.WARNING if name == "access_url" else Severity.ERROR
+    choices = [Settings(ready_fail_after=f, ready_recover_after=r) for f, r in
+               [(1, 1), (2, 1), (3, 1), (1, 2), (2, 3), (3, 3)]]
+    for n, letter in enumerate(pattern):
+        failing = letter == "F"
+        store.put(name, coded(recent(len(pattern) - n), bad if failing else Severity.OK,
+                              *(["ECODE"] if failing else [])))
+        for settings in choices:
+            ours, replayed = verdicts_both_ways(store, name, settings)
+            assert ours == replayed, (pattern[: n + 1], settings.ready_fail_after,
+                                      settings.ready_recover_after)
+
+
+def test_hysteresis_looks_back_on_the_window_only(store: ResultStore) -> None:
+    # Three failures, then passes up to a full window: with READY_FAIL_AFTER=3 and a
+    # recovery that needs more passes than that, the section is held failed while the
+    # failures are inside the window, and passes once the first one leaves it.
+    settings = Settings(ready_fail_after=3, ready_recover_after=HYSTERESIS_WINDOW)
+    total = HYSTERESIS_WINDOW + 1
+    results = [Severity.ERROR] * 3 + [Severity.OK] * (HYSTERESIS_WINDOW - 3)
+    for n, severity in enumerate(results):
+        store.put("database", coded(recent(total - n), severity))
+    ours, replayed = verdicts_both_ways(store, "database", settings)
+    assert ours == replayed == "[-]database failed: recovering (100 passing needed)"
+    store.put("database", coded(recent(1), Severity.OK))  # the first failure leaves the window
+    ours, replayed = verdicts_both_ways(store, "database", settings)
+    assert ours == replayed == "[+]database ok"
+    summary = store.readiness_snapshot().summaries["database"]
+    assert sum(count for _, count in summary.runs) == HYSTERESIS_WINDOW
+
+
+def test_hysteresis_skips_a_latest_dated_in_the_future(store: ResultStore) -> None:
+    # As replay skips results dated ahead, the summary drops them when a real one replaces
+    # them; the real failures before and after still add up.
+    settings = Settings(ready_fail_after=2)
+    store.put("database", coded(recent(20), Severity.ERROR, "EDB01"))
+    store.put("database", coded(recent(-3600), Severity.OK))
+    store.put("database", coded(recent(-1800), Severity.OK))
+    store.put("database", coded(recent(1), Severity.ERROR, "EDB01"))
+    ours, replayed = verdicts_both_ways(store, "database", settings)
+    assert ours == replayed == "[-]database failed: EDB01"
+
+
+def test_results_count_for_hysteresis_in_the_order_they_became_latest(
+    store: ResultStore,
+) -> None:
+    # A late result joins history but not the record hysteresis reads (docs/design.md).
+    settings = Settings(ready_fail_after=2)
+    store.put("database", coded(recent(30), Severity.OK))
+    store.put("database", coded(recent(5), Severity.ERROR, "EDB01"))
+    store.put("database", coded(recent(10), Severity.ERROR, "EDB01"))  # arrives late
+    verdict = readiness.evaluate_summaries(
+        settings, store.readiness_snapshot().summaries, ["database"]
+    )
+    assert verdict.ready
+    assert store.readiness_snapshot().summaries["database"].runs == ((False, 1), (True, 1))
+    store.put("database", coded(recent(1), Severity.ERROR, "EDB01"))
+    verdict = readiness.evaluate_summaries(
+        settings, store.readiness_snapshot().summaries, ["database"]
+    )
+    assert verdict.text(verbose=False).splitlines()[0] == "[-]database failed: EDB01"
+
+
 # --- DynamoDB specifics -------------------------------------------------------------
 
 
@@ -320,6 +485,7 @@ class CountingProxy:
     def __init__(self, target: str) -> None:
         host, port = target.removeprefix("http://").split(":")
         self.requests: list[str] = []
+        self.answer_bytes: list[int] = []  # the size of each answer, in order
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -335,6 +501,7 @@ class CountingProxy:
                     payload = answer.read()
                 finally:
                     upstream.close()
+                proxy.answer_bytes.append(len(payload))
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
                     if name.lower() not in ("content-length", "connection", "transfer-encoding"):
@@ -371,7 +538,8 @@ def test_dynamodb_latest_is_one_request(counting_proxy: CountingProxy, table_nam
     store.create_table()
     names = list(SECTION_NAMES)
     for name in names:
-        store.put(name, section(recent(), padding="x" * 2000))
+        # Random, so that it does not compress away: each body weighs over 1 KB stored.
+        store.put(name, section(recent(), padding=os.urandom(1000).hex()))
     store.set_dismissed(["derp"])
     counting_proxy.requests.clear()
 
@@ -385,6 +553,16 @@ def test_dynamodb_latest_is_one_request(counting_proxy: CountingProxy, table_nam
     assert sorted(snapshot.latest) == sorted(names)
     assert snapshot.dismissed == ("derp",)
     assert counting_proxy.requests == ["DynamoDB_20120810.Query"]
+
+    # What /readyz reads now: one Query too, and without the bodies (over 1 KB each).
+    assert counting_proxy.answer_bytes[-1] > 7 * 1000
+    counting_proxy.requests.clear()
+    counting_proxy.answer_bytes.clear()
+    brief = store.readiness_snapshot()
+    assert sorted(brief.summaries) == sorted(names)
+    assert brief.dismissed == ("derp",)
+    assert counting_proxy.requests == ["DynamoDB_20120810.Query"]
+    assert counting_proxy.answer_bytes[0] < 2000
 
 
 def test_dynamodb_items_carry_ttl_and_table_has_it_enabled(
@@ -475,3 +653,71 @@ def test_dynamodb_reads_sections_stored_before_compression(dynamodb_endpoint: st
     )
     assert store.latest()["database"].details == {"reachable": True}
     store.close()
+
+
+def test_dynamodb_latest_items_without_summary_still_read(dynamodb_endpoint: str) -> None:
+    """Latest items written before summaries: readiness reads their body, a put carries on."""
+    table = f"legacy-{uuid.uuid4().hex[:8]}"
+    store = DynamoDBStore(table, "coder", 7.0, region="us-east-1", endpoint_url=dynamodb_endpoint)
+    store.create_table()
+    old = coded(recent(10), Severity.ERROR, "EDB01")
+    raw = boto3.client("dynamodb", region_name="us-east-1", endpoint_url=dynamodb_endpoint)
+    raw.put_item(
+        TableName=table,
+        Item={
+            "pk": {"S": "coder#latest"},
+            "sk": {"S": "database"},
+            "bodyz": {"B": zlib.compress(json.dumps(old.to_stored()).encode())},
+            "checked_at": {"N": str(old.checked_at.timestamp())},
+        },
+    )
+    summary = store.readiness_snapshot().summaries["database"]
+    assert (summary.severity, summary.codes, summary.runs) == (
+        Severity.ERROR, ("EDB01",), ((True, 1),)
+    )
+    store.put("database", coded(recent(1), Severity.ERROR, "EDB01"))
+    assert store.readiness_snapshot().summaries["database"].runs == ((True, 2),)
+    verdict = readiness.evaluate_summaries(
+        Settings(ready_fail_after=2), store.readiness_snapshot().summaries, ["database"]
+    )
+    assert verdict.checks[0].reason == "EDB01"
+    store.close()
+
+
+def test_sqlite_file_from_before_summaries_is_migrated_and_still_reads(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = coded(recent(10), Severity.WARNING, "EACS04")
+    with sqlite3.connect(path) as raw:
+        # The schema of the release before summaries.
+        raw.executescript(
+            """CREATE TABLE latest (deployment TEXT NOT NULL, section TEXT NOT NULL,
+                   checked_at REAL NOT NULL, body TEXT NOT NULL,
+                   PRIMARY KEY (deployment, section));
+               CREATE TABLE history (deployment TEXT NOT NULL, section TEXT NOT NULL,
+                   checked_at REAL NOT NULL, body TEXT NOT NULL);
+               CREATE TABLE settings (deployment TEXT NOT NULL, key TEXT NOT NULL,
+                   value TEXT NOT NULL, PRIMARY KEY (deployment, key));"""
+        )
+        raw.execute(
+            "INSERT INTO latest VALUES ('coder', 'access_url', ?, ?)",
+            (old.checked_at.timestamp(), json.dumps(old.to_stored())),
+        )
+    raw.close()
+
+    store = SQLiteStore(str(path), "coder", 7)
+    again = SQLiteStore(str(path), "coder", 7)  # a second process opening it: no error
+    try:
+        summary = store.readiness_snapshot().summaries["access_url"]
+        assert (summary.severity, summary.codes, summary.checked_at) == (
+            Severity.WARNING, ("EACS04",), old.checked_at
+        )
+        assert store.latest()["access_url"] == old
+        store.put("access_url", coded(recent(1), Severity.WARNING, "EACS04"))
+        assert again.readiness_snapshot().summaries["access_url"].runs == ((True, 2),)
+        verdict = readiness.evaluate_summaries(
+            Settings(ready_fail_after=2), again.readiness_snapshot().summaries, ["access_url"]
+        )
+        assert verdict.checks[0].reason == "EACS04"
+    finally:
+        store.close()
+        again.close()
