@@ -19,6 +19,7 @@ What is shown is only check names and codes: `/readyz` is public.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -149,13 +150,12 @@ def evaluate_summaries(
         summary = summaries.get(name)
         replay: Callable[[], bool] | None = None
         if hysteresis and summary is not None:
-            runs = summary.runs
-
-            def replay(runs: tuple[tuple[bool, int], ...] = runs) -> bool:
-                return hysteresis_failing(
-                    runs, settings.ready_fail_after, settings.ready_recover_after
-                )
-
+            replay = functools.partial(
+                hysteresis_failing,
+                summary.runs,
+                settings.ready_fail_after,
+                settings.ready_recover_after,
+            )
         checks.append(_judge(settings, name, summary, replay, now))
     return Readiness(tuple(checks), now)
 
