@@ -90,7 +90,10 @@ class SQLiteStore:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         # What this process holds of the store, to write back into a recreated file.
-        self._held_latest: dict[str, Section] = {}
+        # As stored JSON text, not Section objects: a 5,000-proxy section is a few hundred
+        # thousand objects that the garbage collector would walk on every full collection
+        # of a process that also answers /readyz (`serve`).
+        self._held_latest: dict[str, tuple[float, str]] = {}  # name: (checked_at, body)
         self._held_dismissed: str | None = None
         self._fault = ""  # why the last write failed; "" once one succeeds
         self._broken = False  # the connections must be opened again before use
@@ -104,7 +107,7 @@ class SQLiteStore:
         def work(db: sqlite3.Connection) -> None:
             # Held under the write lock, and before the commit: a result this process made
             # is written back into a recreated file even if this put failed.
-            self._hold(name, section)
+            self._hold(name, section.checked_at.timestamp(), body)
             now = time.time()
             db.execute(
                 "INSERT INTO history (deployment, section, checked_at, body) VALUES (?, ?, ?, ?)",
@@ -166,8 +169,8 @@ class SQLiteStore:
 
         rows, setting = self._read(work)
         latest = {name: Section.from_stored(json.loads(body)) for name, body in rows}
-        for name, section in latest.items():
-            self._hold(name, section)
+        for name, body in rows:
+            self._hold(name, latest[name].checked_at.timestamp(), body)
         if setting is not None:
             self._held_dismissed = setting[0]
         fault = self._fault
@@ -220,12 +223,10 @@ class SQLiteStore:
         with self._write_lock, self._read_lock:
             self._close_connections()
 
-    def _hold(self, name: str, section: Section) -> None:
+    def _hold(self, name: str, stamp: float, body: str) -> None:
         held = self._held_latest.get(name)
-        if held is None or moves_latest(
-            section.checked_at.timestamp(), held.checked_at.timestamp(), time.time()
-        ):
-            self._held_latest[name] = section
+        if held is None or moves_latest(stamp, held[0], time.time()):
+            self._held_latest[name] = (stamp, body)
 
     # --- statements -----------------------------------------------------------------
 
@@ -394,8 +395,8 @@ class SQLiteStore:
         try:
             db.execute("BEGIN IMMEDIATE")
             now = time.time()
-            for name, section in self._held_latest.items():
-                body = json.dumps(section.to_stored())
+            for name, (_, body) in self._held_latest.items():
+                section = Section.from_stored(json.loads(body))
                 # The runs start again from here in a recreated file (it has no previous).
                 self._put_latest(db, name, section, body, now)
             if self._held_dismissed is not None:
