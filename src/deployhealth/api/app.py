@@ -951,13 +951,14 @@ def build_router(ctx: ApiContext) -> Router:
         dismissed = ctx.dismissed(snapshot.dismissed)
         report = build_report(settings, snapshot.latest, dismissed)
         expected = list(dict.fromkeys([*settings.gating_sections, *report.sections]))
-        # One bounded read per section serves the uptime figure, the trend and hysteresis.
+        # One bounded read per section serves the uptime figure and the trend.
         history = {
             name: store.history(name, limit=PAGE_HISTORY_LIMIT)
             for name in SECTION_NAMES
             if name in expected
         }
-        verdict = page_verdict(settings, snapshot, dismissed, history, store)
+        # The verdict from what /readyz reads (hysteresis state lives in the summaries).
+        verdict = page_verdict(settings, store.readiness_snapshot(), dismissed, store)
         options = PageOptions(docs_base_url=ctx.docs_base_url, refresh_seconds=refresh)
         body = render_page(report, expected, history, verdict=verdict, options=options)
         return _html_response(body)

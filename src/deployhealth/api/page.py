@@ -37,11 +37,11 @@ from deployhealth.readiness import (
     HYSTERESIS_WINDOW,
     CheckStatus,
     Readiness,
-    evaluate,
+    evaluate_summaries,
     gating_sections,
 )
 from deployhealth.settings import Settings
-from deployhealth.store import ResultStore, Snapshot
+from deployhealth.store import ReadinessSnapshot, ResultStore
 
 # Results read per section for the uptime figure and the latency trend: one bounded query
 # per section keeps the page as cheap as a few /readyz calls. The same number as readiness's
@@ -158,30 +158,19 @@ class Verdict:
 
 def page_verdict(
     settings: Settings,
-    snapshot: Snapshot,
+    readiness: ReadinessSnapshot,
     dismissed: Sequence[str],
-    history: Mapping[str, Sequence[Section]],
     store: ResultStore,
 ) -> Verdict:
-    """What `/readyz` would answer from this snapshot: deployhealth.readiness's rule, as is.
-
-    `history` holds the page's reads (newest first, `PAGE_HISTORY_LIMIT` each); hysteresis
-    replays them instead of reading again.
-    """
+    """What `/readyz` would answer now: the same read and rule (deployhealth.readiness)."""
     gone = set(dismissed)
     dismissed_gating = tuple(s for s in settings.gating_sections if s in gone)
-    if snapshot.problem:
+    if readiness.problem:
         # /readyz answers 503 naming the store, not a verdict per section.
-        return Verdict(None, f"result store {store.description}: {snapshot.problem}",
+        return Verdict(None, f"result store {store.description}: {readiness.problem}",
                        dismissed_gating)
-
-    def past(name: str) -> list[Section]:
-        if name in history:
-            return list(history[name])
-        return store.history(name, limit=HYSTERESIS_WINDOW)
-
     sections = gating_sections(settings, dismissed)
-    return Verdict(evaluate(settings, snapshot.latest, sections, history=past), "",
+    return Verdict(evaluate_summaries(settings, readiness.summaries, sections), "",
                    dismissed_gating)
 
 
