@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
+# The demo needs only the runtime dependencies and the `local` extra (PostgreSQL's binaries,
+# wsproto): a first `make demo` does not wait for the test and lint tools of `dev`. Both
+# stamps share one venv, so a later `make test` adds `dev` to it.
+STAMP_LOCAL := $(VENV)/.installed-local
+PORT   ?= 8080
 
 .PHONY: demo test lint validate bench cost install clean peers lock
 
@@ -11,12 +16,20 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(STAMP_LOCAL)
+
+# No pip upgrade here: the venv's own pip installs wheels well enough, and upgrading it
+# costs a first run several seconds. `dev` includes everything `local` has.
+$(STAMP_LOCAL): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[local]'
+	touch $(STAMP_LOCAL)
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/deployhealth demo
+# `make demo PORT=8081` when 8080 is taken.
+demo: $(STAMP_LOCAL)
+	$(BIN)/deployhealth demo --port $(PORT)
 
 # The interop tests talk to real nginx, coturn and haproxy; installed from Debian when missing.
 peers:
