@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP) $(STAMP_LOCAL)
 
-# No pip upgrade here: the venv's own pip installs wheels well enough, and upgrading it
-# costs a first run several seconds. `dev` includes everything `local` has.
+# No pip upgrade here (the venv's own pip installs wheels well enough) and no byte-compiling
+# of every installed module (botocore alone is thousands): each costs a first run seconds,
+# and Python compiles what the demo imports on first use. `dev` includes everything `local` has.
 $(STAMP_LOCAL): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[local]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[local]'
 	touch $(STAMP_LOCAL)
 
 install: $(STAMP)

@@ -37,7 +37,9 @@ def serve(sim: SimulatedDeployment, tmp_path: Path, port: int, interval: str) ->
         DEPLOYHEALTH_GATING_SECTIONS="access_url",
         DEPLOYHEALTH_STORE=f"sqlite:///{tmp_path / 'results.db'}",
     )
-    return ServeProcess(["serve", "--port", str(port), "--interval", interval], env, tmp_path)
+    # --verbose: a round: line after every round, which next_round_started_after_now counts.
+    args = ["serve", "--port", str(port), "--interval", interval, "--verbose"]
+    return ServeProcess(args, env, tmp_path)
 
 
 def rest_of_log(server: ServeProcess) -> str:

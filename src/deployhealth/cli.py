@@ -2,6 +2,8 @@
 
 Exit status of `check`: 0 ready, 1 not ready, 2 bad settings. With `--json`, stdout holds
 the report and nothing else; progress, logs and metric records go to stderr or nowhere.
+`serve` and `demo` write timestamped log lines (deployhealth.console): a `round:` line when
+a round's verdict changed, a `heartbeat:` line every 300 s (`--heartbeat`) in between.
 """
 
 from __future__ import annotations
@@ -12,23 +14,35 @@ import os
 import shutil
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from deployhealth import codes as code_docs
 from deployhealth.checks import FAMILIES
+from deployhealth.console import DEFAULT_HEARTBEAT_SECONDS, RoundLog, log, log_block
 from deployhealth.model import UnknownSectionError, canonical_section
 from deployhealth.readiness import Readiness
 from deployhealth.redact import safe_url
-from deployhealth.settings import Settings, SettingsError, load_settings
+from deployhealth.settings import (
+    DEFAULT_CONFIG_FILE,
+    ENV_PREFIX,
+    Settings,
+    SettingsError,
+    known_keys,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from deployhealth.scheduler import Scheduler
 
 EXIT_READY, EXIT_NOT_READY, EXIT_BAD_SETTINGS = 0, 1, 2
+# How long a stop signal may wait for serve's main thread (see serve()).
+SIGNAL_POLL_SECONDS = 0.5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.run(args)
         return code
     except SettingsError as exc:
-        print(f"deployhealth: invalid settings: {exc}", file=sys.stderr)
+        # Every bad setting, one per line: a user fixes them all in one go.
+        errors = exc.errors
+        if len(errors) == 1:
+            print(f"deployhealth: invalid settings: {errors[0]}", file=sys.stderr)
+        else:
+            print(f"deployhealth: {len(errors)} invalid settings:", file=sys.stderr)
+            for error in errors:
+                print(f"  {error}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     except KeyboardInterrupt:
         return 130
@@ -52,15 +73,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def package_version() -> str:
+    try:
+        return version("deployhealth")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _settings_help() -> str:
+    """The settings epilog of `check` and `serve`: where settings come from, every variable."""
+    names = ", ".join(f"{ENV_PREFIX}{k}" for k in known_keys() if "_DEADLINE_" not in k)
+    listed = textwrap.fill(names, width=78, initial_indent="  ", subsequent_indent="  ",
+                           break_on_hyphens=False)
+    return (
+        "settings:\n"
+        "  Environment variables beat the TOML file (--config FILE, default\n"
+        f"  ./{DEFAULT_CONFIG_FILE} when it exists; keys are the variable names in lower case\n"
+        "  without the prefix), which beats the defaults. Every bad setting is reported at\n"
+        "  once. The variables (meaning and defaults in docs/configuration.md):\n"
+        f"{listed},\n"
+        f"  and {ENV_PREFIX}<FAMILY>_DEADLINE_SECONDS per check family.\n"
+    )
+
+
+_CONFIG_HELP = f"TOML settings file (default ./{DEFAULT_CONFIG_FILE} when it exists)"
+
+_CHECK_EXITS = """exit status:
+  0    ready: every gating section passes (with --section: every named section)
+  1    not ready
+  2    bad settings (each one named), or bad arguments
+  130  interrupted (Ctrl-C)
+"""
+
+_SERVE_EXITS = """exit status:
+  0    stopped by Ctrl-C, SIGTERM or SIGHUP
+  2    bad settings (each one named), or the port cannot be listened on
+"""
+
+_LOG_HELP = f"""log lines (stderr, each with its local time):
+  round: ...      after a round whose verdict differs from the last one written
+                  (every round with --verbose)
+  heartbeat: ...  while nothing changes, every --heartbeat seconds (default
+                  {DEFAULT_HEARTBEAT_SECONDS:g}): rounds are still running
+  store: ...      when the result store fails, changes failure, or recovers
+"""
+
+_DEMO_HELP = """The demo prints `export DEPLOYHEALTH_...` lines: paste them into another shell and
+`deployhealth check` (or `serve --port ...`) runs against the simulated deployment. They
+hold the demo's own throwaway token and database password, made up for this run.
+PostgreSQL and the demo's temporary files go away however it stops: Ctrl-C, SIGTERM,
+SIGHUP (closing the terminal) or its parent process dying.
+
+exit status:
+  0    stopped by Ctrl-C, SIGTERM or SIGHUP (or its parent dying)
+  2    the port is taken (try --port), or PostgreSQL could not start
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="deployhealth",
         description="Outside-in health and readiness checks for a Coder deployment.",
+        epilog="`deployhealth COMMAND --help` for a command's settings and exit status.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"deployhealth {package_version()}"
     )
     sub = parser.add_subparsers(title="commands")
 
-    check = sub.add_parser("check", help="run every check once and print the report")
-    check.add_argument("--config", type=Path, help="TOML settings file")
+    check = sub.add_parser(
+        "check", help="run every check once and print the report",
+        description="Run every check family once, concurrently, and print the report.",
+        epilog=_settings_help() + "\n" + _CHECK_EXITS, formatter_class=raw,
+    )
+    check.add_argument("--config", type=Path, help=_CONFIG_HELP)
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument(
         "--section", action="append", default=[], metavar="NAME",
@@ -68,22 +155,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(run=_check)
 
-    serve = sub.add_parser("serve", help="run the scheduler and the HTTP API locally")
-    serve.add_argument("--config", type=Path, help="TOML settings file")
+    serve = sub.add_parser(
+        "serve", help="run the scheduler and the HTTP API locally",
+        description="Run the checks every interval and serve the HTTP API on the embedded store.",
+        epilog=_settings_help() + "\n" + _LOG_HELP + "\n" + _SERVE_EXITS, formatter_class=raw,
+    )
+    serve.add_argument("--config", type=Path, help=_CONFIG_HELP)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--interval", type=float, help="seconds between check rounds")
+    _add_log_options(serve)
     serve.set_defaults(run=_serve)
 
-    demo = sub.add_parser("demo", help="simulate a deployment on loopback and serve against it")
-    demo.add_argument("--port", type=int, default=8080)
+    demo = sub.add_parser(
+        "demo", help="simulate a deployment on loopback and serve against it",
+        description="Simulate a Coder deployment on loopback (real PostgreSQL, DERP, STUN, "
+        "proxies) and serve deployhealth's API against it.",
+        epilog=_DEMO_HELP + "\n" + _LOG_HELP, formatter_class=raw,
+    )
+    demo.add_argument("--port", type=int, default=8080, help="the API's port (default 8080)")
     demo.add_argument("--interval", type=float, default=10.0, help=argparse.SUPPRESS)
+    _add_log_options(demo)
     demo.set_defaults(run=_demo)
 
-    explain = sub.add_parser("codes", help="explain the health codes")
+    explain = sub.add_parser(
+        "codes", help="explain the health codes",
+        description="List the health codes, or explain one (also in docs/codes.md).",
+        epilog="exit status:\n  0    listed or explained\n  2    unknown code\n",
+        formatter_class=raw,
+    )
     explain.add_argument("code", nargs="?", help="one code, e.g. EDB01")
     explain.set_defaults(run=_codes)
     return parser
+
+
+def _add_log_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--heartbeat", type=float, default=DEFAULT_HEARTBEAT_SECONDS, metavar="SECONDS",
+        help="while nothing changes, a heartbeat line this often "
+        f"(default {DEFAULT_HEARTBEAT_SECONDS:g})",
+    )
+    command.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="write the round: line after every round, not only when something changed",
+    )
 
 
 # --- check --------------------------------------------------------------------------
@@ -198,7 +313,10 @@ def _serve(args: argparse.Namespace) -> int:
                 "--interval", f"{args.interval:g} is below 1 second", "--interval 60"
             )
         settings = replace(settings, check_interval_seconds=args.interval)
-    return serve(settings, args.host, args.port)
+    return serve(
+        settings, args.host, args.port,
+        round_log=RoundLog(heartbeat_seconds=args.heartbeat, every_round=args.verbose),
+    )
 
 
 def serve(
@@ -209,11 +327,12 @@ def serve(
     banner: str = "",
     ready: threading.Event | None = None,
     on_scheduler: Callable[[Scheduler], None] | None = None,
+    round_log: RoundLog | None = None,
 ) -> int:
-    """Run the scheduler and the local API until SIGINT/SIGTERM.
+    """Run the scheduler and the local API until SIGINT, SIGTERM or SIGHUP.
 
     `on_scheduler` sees the scheduler before its first round (the demo links its fault
-    switches to `Scheduler.between_rounds`).
+    switches to `Scheduler.between_rounds`). `round_log` writes the round lines.
     """
     from deployhealth.api.app import ApiContext, create_app
     from deployhealth.api.local import LocalApiServer
@@ -228,7 +347,7 @@ def serve(
     try:
         store.open()
     except StoreUnavailable as exc:
-        print(f"store: {exc}; serving anyway, retrying every round", file=sys.stderr)
+        log(f"store: {exc}; serving anyway, retrying every round")
     # Metric records are for CloudWatch Logs; a local terminal has no use for them.
     metrics = MetricsSink(settings.metrics_namespace, settings.name, None)
     context = ApiContext(settings=settings, store=store, metrics=metrics)
@@ -236,39 +355,46 @@ def serve(
         server = LocalApiServer(create_app(context), host, port)
     except OSError as exc:
         raise SettingsError("--port", f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    scheduler = Scheduler(settings, store, metrics, on_round=_log_round)
+    scheduler = Scheduler(settings, store, metrics, on_round=round_log or RoundLog())
     if on_scheduler is not None:
         on_scheduler(scheduler)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in stop_signals():
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     scheduler.start()
-    print(
-        f"deployhealth serving {settings.name} on {server.url} "
-        f"(checks every {settings.check_interval_seconds:g} s, store {store.description})",
-        file=sys.stderr,
-    )
-    if banner:
-        print(banner.replace("{api}", server.url), file=sys.stderr)
-    if ready is not None:
-        ready.set()
-    stop.wait()
-    print("deployhealth: stopping", file=sys.stderr)
-    scheduler.stop()
-    server.close()
-    store.close()
+    try:
+        if banner:
+            log_block(banner.replace("{api}", server.url))
+        log(
+            f"deployhealth serving {settings.name} on {server.url} "
+            f"(checks every {settings.check_interval_seconds:g} s, store {store.description})"
+        )
+        if ready is not None:
+            ready.set()
+        # A timed wait, not stop.wait(): the kernel may deliver SIGTERM or SIGHUP to any
+        # thread (the scheduler's, a server's), and then nothing interrupts an untimed
+        # wait in this one, where Python runs the handler; the demo stayed up one time
+        # in five. Each timeout lets the handler run.
+        while not stop.wait(SIGNAL_POLL_SECONDS):
+            pass
+        log("deployhealth: stopping")
+    finally:
+        # Also when interrupted: a scheduler left running would write the store again
+        # after the demo removed it.
+        scheduler.stop()
+        server.close()
+        store.close()
     return 0
 
 
-def _log_round(sections: dict, store_errors: list[str]) -> None:
-    parts = [
-        f"{name}={s.severity.value}" + (f"({','.join(dict.fromkeys(s.codes))})" if s.codes else "")
-        for name, s in sections.items()
-    ]
-    print("round: " + " ".join(parts), file=sys.stderr)
-    for err in store_errors:
-        print(f"store: {err}", file=sys.stderr)
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop serve and demo in order: Ctrl-C, SIGTERM, and SIGHUP (the
+    terminal closing) unless it was ignored when we started (`nohup` asks for that)."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    return signals
 
 
 # --- demo ---------------------------------------------------------------------------
@@ -277,7 +403,10 @@ def _log_round(sections: dict, store_errors: list[str]) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from deployhealth.sim.demo import run_demo
 
-    return run_demo(args.port, args.interval)
+    return run_demo(
+        args.port, args.interval,
+        round_log=RoundLog(heartbeat_seconds=args.heartbeat, every_round=args.verbose),
+    )
 
 
 # --- codes --------------------------------------------------------------------------
@@ -297,9 +426,15 @@ def _codes(args: argparse.Namespace) -> int:
         print(f"  What to do: {code.action}")
         print(f"  Docs: {code.anchor}")
         return 0
-    for code in code_docs.CODES.values():
-        when = f" (error when {code.error_when})" if code.error_when else ""
-        print(f"{code.code:<12} {code.section:<20} {code.severity.value:<8} {code.title}{when}")
+    rows = [
+        (code.code, code.section, code.severity.value,
+         code.title + (f" (error when {code.error_when})" if code.error_when else ""))
+        for code in code_docs.CODES.values()
+    ]
+    # Widths from the content: section names such as provisioner_daemons are long.
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
     return 0
 
 

@@ -1,7 +1,8 @@
 """One settings object, from environment variables, a TOML file and defaults (highest first).
 
 Every key has one parser and one example, so an invalid value fails fast with a message
-naming the key, what is wrong with the value, and what a good one looks like. Secret
+naming the key, what is wrong with the value, and what a good one looks like; every
+invalid key is reported at once (`SettingsErrors`), not only the first. Secret
 values are wrapped in `Secret` so that no repr, log line or error can show them.
 """
 
@@ -38,6 +39,39 @@ class SettingsError(ValueError):
         if example:
             text += f" (example: {example})"
         super().__init__(text)
+
+    @property
+    def errors(self) -> list[SettingsError]:
+        """Every error this one stands for: itself (`SettingsErrors` holds several)."""
+        return [self]
+
+
+class SettingsErrors(SettingsError):
+    """Several invalid settings at once, so that one run names them all.
+
+    `key`, `problem` and `example` are the first error's; `str()` has one line per error.
+    """
+
+    def __init__(self, errors: list[SettingsError]) -> None:
+        first = errors[0]
+        super().__init__(first.key, first.problem, first.example)
+        self._errors = list(errors)
+        self.args = ("\n".join(str(e) for e in errors),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def errors(self) -> list[SettingsError]:
+        return list(self._errors)
+
+
+def raise_all(errors: list[SettingsError]) -> None:
+    """Raise nothing, the one error, or all of them together."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise SettingsErrors(errors)
 
 
 class Secret:
@@ -508,18 +542,30 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     raw: dict[str, tuple[str, Any]] = {}  # suffix -> (where it came from, value)
+    # Every problem is collected, then all are reported together: fixing one setting per
+    # run, only to meet the next, is what a user of a long list of variables must not do.
+    errors: list[SettingsError] = []
 
     path = Path(config_file) if config_file is not None else None
     if path is None and DEFAULT_CONFIG_FILE.is_file():
         path = DEFAULT_CONFIG_FILE
     if path is not None:
-        for suffix, value in _read_toml(path).items():
+        try:
+            entries = _read_toml(path, errors)
+        except SettingsError as exc:  # missing or unreadable: none of its keys count
+            errors.append(exc)
+            entries = {}
+        for suffix, value in entries.items():
             raw[suffix] = (f"{path}: {suffix.lower()}", value)
 
     for name, value in env.items():
         if name.startswith(ENV_PREFIX):
             suffix = name[len(ENV_PREFIX) :]
-            _require_known(suffix, name)
+            try:
+                _require_known(suffix, name)
+            except SettingsError as exc:
+                errors.append(exc)
+                continue
             raw[suffix] = (name, value)
 
     values: dict[str, Any] = {}
@@ -529,7 +575,7 @@ def load_settings(
             try:
                 deadlines[_DEADLINE_KEYS[suffix]] = _DEADLINE_PARSER(where, value)
             except SettingsError as exc:
-                raise SettingsError(where, exc.problem, f"{_example_key(where)}=10") from None
+                errors.append(SettingsError(where, exc.problem, f"{_example_key(where)}=10"))
             continue
         spec = _SPECS[suffix]
         try:
@@ -537,14 +583,15 @@ def load_settings(
         except SettingsError as exc:
             # The example is added here so that every parser stays one line of logic.
             # Parsers of secret settings never repeat the value in their problem text.
-            problem = exc.problem
             # A parser's own example fits its problem better (dynamodb://health for a
             # table-less dynamodb URL, not the generic sqlite one).
             example = exc.example if exc.example and not spec.secret else spec.example
-            raise SettingsError(where, problem, f"{_example_key(where)}={example}") from None
+            errors.append(SettingsError(where, exc.problem, f"{_example_key(where)}={example}"))
+    raise_all(errors)
     if deadlines:
         values["deadlines"] = deadlines
     settings = Settings(**values)
+    # Judged on valid values only, hence after the others.
     _check_consistency(settings)
     return settings
 
@@ -561,7 +608,11 @@ def _require_known(suffix: str, where: str) -> None:
     raise SettingsError(where, f"is not a deployhealth setting; {hint}")
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, errors: list[SettingsError]) -> dict[str, Any]:
+    """The file's settings by suffix; unknown keys go to `errors`, the known ones still count.
+
+    A file that cannot be read or parsed raises: none of its keys can be trusted.
+    """
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -575,7 +626,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         if suffix not in _SPECS and suffix not in _DEADLINE_KEYS:
             close = difflib.get_close_matches(suffix, known_keys(), n=1)
             hint = f"; did you mean {close[0].lower()}?" if close else ""
-            raise SettingsError(f"{path}: {key}", f"is not a deployhealth setting{hint}")
+            errors.append(SettingsError(f"{path}: {key}", f"is not a deployhealth setting{hint}"))
+            continue
         out[suffix] = value
     return out
 

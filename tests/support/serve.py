@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -32,12 +33,20 @@ class ServeProcess:
     """`deployhealth serve` (or `demo`) in the background; its stderr lines are events."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str], cwd: Path, *, prefix: tuple[str, ...] = ()
+        self,
+        args: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        *,
+        prefix: tuple[str, ...] = (),
+        new_session: bool = False,
     ) -> None:
-        # `prefix`: a command that runs `deployhealth` with other rights (setpriv).
+        # `prefix`: a command that runs `deployhealth` with other rights (setpriv), or a
+        # shell to be its parent. `new_session`: its own session and process group, as a
+        # terminal's job has, so that signals sent to it reach nothing of the test's.
         self.proc = subprocess.Popen(
             [*prefix, COMMAND, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            text=True, env=env, cwd=cwd,
+            text=True, env=env, cwd=cwd, start_new_session=new_session,
         )
         port = args[args.index("--port") + 1] if "--port" in args else "8080"
         self.base = f"http://127.0.0.1:{port}"
@@ -54,10 +63,19 @@ class ServeProcess:
         command: str = "serve",
         interval: str = "1",
         prefix: tuple[str, ...] = (),
+        every_round: bool = True,
+        new_session: bool = False,
     ) -> ServeProcess:
-        """`deployhealth serve` (or `demo`) on a free loopback port; `.base` is its URL."""
+        """`deployhealth serve` (or `demo`) on a free loopback port; `.base` is its URL.
+
+        `every_round` (`--verbose`): a `round:` line after every round, which
+        `next_round_started_after_now` counts; without it, only rounds that changed the
+        verdict write one, as a user sees by default.
+        """
         args = [command, "--port", str(free_port()), "--interval", interval]
-        return cls(args, env, cwd, prefix=prefix)
+        if every_round:
+            args.append("--verbose")
+        return cls(args, env, cwd, prefix=prefix, new_session=new_session)
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
@@ -74,7 +92,7 @@ class ServeProcess:
             self.seen.append(line)
             if line == "":
                 pytest.fail(f"process ended before {prefix!r}: {''.join(self.seen)}")
-            if line.lstrip().startswith(prefix):
+            if message(line).startswith(prefix):
                 return line
 
     def next_round_started_after_now(self) -> str:
@@ -85,6 +103,15 @@ class ServeProcess:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGINT)
         return self.proc.wait(timeout=EVENT_TIMEOUT)
+
+
+# The local time each log line of `serve` and `demo` starts with (deployhealth.console).
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d ")
+
+
+def message(line: str) -> str:
+    """A stderr line without its timestamp and indentation: what `wait_for` matches."""
+    return TIMESTAMP.sub("", line).lstrip()
 
 
 def readyz(base: str) -> requests.Response:

@@ -175,6 +175,7 @@ class LocalPostgres(Service):
         port: int | None = None,
         settings: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
+        runtime_parent: Path | None = None,
     ) -> None:
         self.user = user
         self.password = password if password is not None else secrets.token_urlsafe(18)
@@ -188,7 +189,9 @@ class LocalPostgres(Service):
         self.start_timeout = start_timeout
         # Holds the socket and the initdb password file, and the cluster itself when
         # no data_dir is given. Kept short: Unix socket paths are limited to ~107 bytes.
-        self._runtime_dir = Path(tempfile.mkdtemp(prefix="dh-pg-"))
+        # `runtime_parent` puts it inside a directory of the caller's (the demo's), so that
+        # everything of one run lives, and is removed, under one path.
+        self._runtime_dir = Path(tempfile.mkdtemp(prefix="dh-pg-", dir=runtime_parent))
         self.data_dir: Path = (
             self._runtime_dir / "data" if data_dir is None else Path(data_dir).absolute()
         )
