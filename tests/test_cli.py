@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 from support.coder_schema import check_report
-from support.serve import COMMAND, ServeProcess, clean_env, readyz
+from support.serve import COMMAND, TIMESTAMP, ServeProcess, clean_env, message, readyz
 
 from deployhealth.sim.inventory import seed_database
 from deployhealth.sim.tcp import free_port
@@ -295,7 +295,8 @@ def test_demo_switch_lands_between_rounds_and_the_next_round_shows_it(tmp_path):
     # The demo's promise (sim/demo.py): a switch waits for the round in flight, says
     # "fault: ...", and the round: line after that is the first to see it. No round line
     # before the fault line can be taken for the round after.
-    demo = ServeProcess.on_free_port(clean_env(), tmp_path, command="demo")
+    # Without --verbose, as a user runs it: only a round that changed the verdict writes.
+    demo = ServeProcess.on_free_port(clean_env(), tmp_path, command="demo", every_round=False)
     try:
         sim_url = demo.wait_for("simulated deployment").split()[-1]
         demo.wait_for("round:")
@@ -372,3 +373,104 @@ def test_credentials_in_url_settings_reach_no_output_store_or_api(sim, local_pos
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("r.db*"))
     assert b"EDB01" in stored
     assert [p for p in planted if p.encode() in stored] == []
+
+
+# --- the command's own surface: version, help, errors, tables, log lines ---------------
+
+
+def test_version_is_the_installed_packages(tmp_path):
+    from importlib.metadata import version
+
+    result = run(["--version"], clean_env(), tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"deployhealth {version('deployhealth')}"
+
+
+def test_every_bad_setting_is_reported_in_one_go_without_secrets(tmp_path):
+    env = clean_env(
+        DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS="fast",
+        DEPLOYHEALTH_STORE="redis://x",
+        DEPLOYHEALTH_DATABASE_URL="mysql://coder:Pl4nted-pw@db/coder",
+        DEPLOYHEALTH_ACESS_URL="http://x",
+    )
+    result = run(["check"], env, tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == "deployhealth: 4 invalid settings:"
+    named = {line.split(":")[0].strip() for line in lines[1:]}
+    assert named == {"DEPLOYHEALTH_DB_LATENCY_THRESHOLD_MS", "DEPLOYHEALTH_STORE",
+                     "DEPLOYHEALTH_DATABASE_URL", "DEPLOYHEALTH_ACESS_URL"}
+    assert "did you mean DEPLOYHEALTH_ACCESS_URL?" in result.stderr
+    assert "is not a postgresql:// URL" in result.stderr
+    assert "Pl4nted" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_help_names_every_variable_the_config_file_and_the_exit_codes(command, tmp_path):
+    from deployhealth.settings import known_keys
+
+    result = run([command, "--help"], clean_env(COLUMNS="100"), tmp_path)
+    assert result.returncode == 0
+    text = result.stdout
+    for key in known_keys():
+        if "_DEADLINE_" not in key:
+            assert f"DEPLOYHEALTH_{key}" in text, key
+    assert "DEPLOYHEALTH_<FAMILY>_DEADLINE_SECONDS" in text
+    assert "./deployhealth.toml" in text and "docs/configuration.md" in text
+    assert "exit status:" in text
+    assert "2    bad settings" in text
+    if command == "check":
+        assert "0    ready" in text and "1    not ready" in text
+
+
+def test_demo_and_codes_help_name_their_exit_codes(tmp_path):
+    demo = run(["demo", "--help"], clean_env(), tmp_path).stdout
+    assert "exit status:" in demo and "the port is taken (try --port)" in demo
+    assert "export DEPLOYHEALTH_" in demo and "heartbeat" in demo
+    codes = run(["codes", "--help"], clean_env(), tmp_path).stdout
+    assert "2    unknown code" in codes
+
+
+def test_codes_table_columns_line_up_for_the_long_section_names(tmp_path):
+    from deployhealth.codes import CODES
+
+    rows = run(["codes"], clean_env(), tmp_path).stdout.splitlines()
+    assert len(rows) == len(CODES)
+    # Each column starts at the same offset on every row, whatever the section's length.
+    for column in (1, 2, 3):
+        starts = set()
+        for row, code in zip(rows, CODES.values(), strict=True):
+            cells = [code.code, code.section, code.severity.value, code.title]
+            offset = 0
+            for cell in cells[:column]:
+                offset = row.index(cell, offset) + len(cell)
+            starts.add(row.index(cells[column], offset))
+        assert len(starts) == 1, (column, starts)
+    assert any("provisioner_daemons" in row for row in rows)
+
+
+def test_serve_writes_a_round_line_only_when_something_changed_and_a_heartbeat(
+    healthy_env, sim, tmp_path
+):
+    env = {**healthy_env, "DEPLOYHEALTH_STORE": f"sqlite:///{tmp_path / 'r.db'}"}
+    args = ["serve", "--port", str(free_port()), "--interval", "1", "--heartbeat", "2"]
+    server = ServeProcess(args, env, tmp_path)
+    try:
+        first = server.wait_for("round:")
+        assert "access_url=ok" in first
+        # Unchanged rounds: heartbeats only, each counting the rounds since the last line.
+        for _ in range(2):
+            beat = server.wait_for("heartbeat:")
+            assert int(message(beat).split()[1]) >= 1
+        since_first = server.seen[server.seen.index(first) + 1 :]
+        assert [line for line in since_first if message(line).startswith("round:")] == []
+        sim.set_faults({"healthz": "502"})
+        changed = server.wait_for("round:")
+        assert "access_url=warning(EACS04)" in changed
+        assert readyz(server.base).status_code == 503
+        sim.set_faults({"healthz": "ok"})
+        assert "access_url=ok" in server.wait_for("round:")
+    finally:
+        assert server.stop() == 0
+    log_lines = [line for line in server.seen if message(line).startswith(("round:", "heart"))]
+    assert log_lines and all(TIMESTAMP.match(line) for line in log_lines)

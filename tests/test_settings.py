@@ -433,3 +433,21 @@ def test_with_overrides_returns_a_new_settings() -> None:
     base = Settings()
     changed = base.with_overrides(name="other")
     assert (base.name, changed.name) == ("coder", "other")
+
+
+def test_every_invalid_setting_is_collected_in_one_error(elsewhere: Path) -> None:
+    config = toml(elsewhere / "health.toml", 'acess_url = "x"\nstore = "redis://x"\n')
+    error = error_of(
+        {"DEPLOYHEALTH_READY_FAIL_AFTER": "0", "DEPLOYHEALTH_CODER_TOKEN_SECRTE": "x",
+         "DEPLOYHEALTH_DATABASE_URL": "postgresql://coder:hunter2-secret@db:notaport/x"},
+        config,
+    )
+    keys = [e.key for e in error.errors]
+    assert sorted(keys) == sorted([
+        f"{config}: acess_url", f"{config}: store", "DEPLOYHEALTH_READY_FAIL_AFTER",
+        "DEPLOYHEALTH_CODER_TOKEN_SECRTE", "DEPLOYHEALTH_DATABASE_URL",
+    ])
+    assert len(str(error).splitlines()) == 5
+    assert "hunter2" not in str(error)
+    # One bad setting is still a plain SettingsError naming it.
+    assert error_of({"DEPLOYHEALTH_STORE": "redis://x"}).errors[0].key == "DEPLOYHEALTH_STORE"
