@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import http.cookiejar
 import ipaddress
@@ -135,6 +136,12 @@ def _host_key(host: str) -> str:
 
 def _target(url: str) -> tuple[str, str, int]:
     """(scheme, host as urllib3 names it, port) of an absolute http(s) URL."""
+    scheme, host, port, _target_path = _parsed(url)
+    return scheme, host, port
+
+
+def _parsed(url: str) -> tuple[str, str, int, str]:
+    """`_target`, and the request target (path and query) to ask for."""
     try:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -143,7 +150,8 @@ def _target(url: str) -> tuple[str, str, int]:
         raise ResolveError(url, f"the URL does not parse: {exc}") from None
     if scheme not in DEFAULT_PORTS or not parts.hostname:
         raise ResolveError(url, "not an absolute http(s) URL")
-    return scheme, _host_key(parts.hostname), port
+    request_target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return scheme, _host_key(parts.hostname), port, request_target
 
 
 def _check(
@@ -183,7 +191,13 @@ def vet(
 
 
 def _blocked(blocked: Sequence[IPNetwork] | None) -> Sequence[IPNetwork]:
-    return networks(BLOCKED_NETWORKS) if blocked is None else blocked
+    return _default_blocked() if blocked is None else blocked
+
+
+@functools.cache
+def _default_blocked() -> tuple[IPNetwork, ...]:
+    # Parsed once: a fan-out over 5,000 proxies spent a third of a second re-parsing them.
+    return networks(BLOCKED_NETWORKS)
 
 
 async def vet_async(
@@ -195,58 +209,121 @@ async def vet_async(
 ) -> Vetted:
     """`vet` for asyncio: a slow resolver holds only this coroutine, never the loop."""
     _scheme, host, port = _target(url)
-    found = await _resolve_async(url, host, port, budget)
-    return _check(url, host, port, found, _blocked(blocked), allowed)
+    return await HostVetting(blocked=blocked, allowed=allowed).vet(url, host, port, budget)
 
 
-async def _resolve_async(url: str, host: str, port: int, budget: Deadline) -> list[Address]:
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-        literal = True
-    except ValueError:
-        literal = False
-    if literal:
+class HostVetting:
+    """One fan-out's vetting, done once per host and shared by every URL on that host.
+
+    Thousands of proxies on a few hosts (or one load balancer) then cost a few lookups and
+    address checks, not one of each per proxy: the answer depends on the host only, the
+    port is put into the vetted socket addresses afterwards. It is kept only as long as
+    the fan-out that made it (one family run), and every connection still goes to the
+    vetted address itself, so sharing it opens no gap between check and connect. A waiter
+    keeps its own budget: a lookup started by a probe with less time left is not cut short
+    for the others.
+    """
+
+    def __init__(
+        self, *, blocked: Sequence[IPNetwork] | None = None, allowed: Sequence[IPNetwork] = ()
+    ) -> None:
+        self.blocked = _blocked(blocked)
+        self.allowed = tuple(allowed)
+        self._hosts: dict[str, asyncio.Future[tuple[Address, ...]]] = {}
+
+    async def vet(self, url: str, host: str, port: int, budget: Deadline) -> Vetted:
+        """The URL's host vetted (BlockedAddressError, ResolveError), with `port` filled in."""
+        answer = self._hosts.get(host)
+        if answer is None:
+            answer = self._hosts[host] = asyncio.get_running_loop().create_future()
+            self._look_up(host, answer)
+        if not answer.done():
+            timeout = budget.remaining()
+            try:
+                await asyncio.wait_for(asyncio.shield(answer), timeout)
+            except TimeoutError:
+                raise ResolveError(
+                    url, f"looking up {host} took longer than {timeout:.1f} s", timed_out=True
+                ) from None
+            except Exception:
+                if not answer.done():
+                    raise
+        failure = answer.exception()
+        if failure is None:
+            addresses = tuple((family, (a[0], port, *a[2:])) for family, a in answer.result())
+            return Vetted(url, host, port, addresses)
+        if isinstance(failure, _Blocked):
+            raise BlockedAddressError(url, host, failure.address, failure.network)
+        if isinstance(failure, _NoAddress):
+            raise ResolveError(url, f"{host} has no address")
+        if isinstance(failure, socket.gaierror):
+            raise ResolveError(url, f"cannot resolve {host}: {failure.strerror or failure}")
+        raise ResolveError(url, f"cannot resolve {host}: {failure}")
+
+    def _look_up(self, host: str, answer: asyncio.Future[tuple[Address, ...]]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def settle(result: list[Address] | BaseException) -> None:
+            if answer.done():
+                return
+            if not isinstance(result, BaseException):
+                result = self._judged(result)
+            if isinstance(result, BaseException):
+                answer.set_exception(result)
+                answer.exception()  # seen: a failure nobody waits for is not logged at exit
+            else:
+                answer.set_result(result)
+
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ResolveError(url, f"cannot resolve {host}: {exc.strerror or exc}") from None
-        return [(info[0], info[4]) for info in infos]
-    # A daemon thread, not the loop's executor: asyncio.run() joins its executor on exit,
-    # and a resolver that hangs must not hold the family past its deadline. Nor
-    # net.getaddrinfo_within: it blocks the calling thread, here the loop, while it waits.
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[list[Address]] = loop.create_future()
-
-    def settle(result: list[Address] | BaseException) -> None:
-        if answer.done():
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            pass
+        else:  # an IP literal: getaddrinfo only spells it, no lookup, so on the loop
+            settle(_getaddrinfo(host))
             return
-        if isinstance(result, BaseException):
-            answer.set_exception(result)
-        else:
-            answer.set_result(result)
 
-    def lookup() -> None:
-        result: list[Address] | BaseException
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            result = [(info[0], info[4]) for info in infos]
-        except BaseException as exc:
-            result = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed while we looked
-            loop.call_soon_threadsafe(settle, result)
+        # A daemon thread, not the loop's executor: asyncio.run() joins its executor on
+        # exit, and a resolver that hangs must not hold the family past its deadline. Nor
+        # net.getaddrinfo_within: it blocks the calling thread, here the loop, while it
+        # waits.
+        def lookup() -> None:
+            result = _getaddrinfo(host)
+            with contextlib.suppress(RuntimeError):  # the loop closed while we looked
+                loop.call_soon_threadsafe(settle, result)
 
-    threading.Thread(target=lookup, name=f"dns-{host}", daemon=True).start()
-    timeout = budget.remaining()
+        threading.Thread(target=lookup, name=f"dns-{host}", daemon=True).start()
+
+    def _judged(self, found: list[Address]) -> tuple[Address, ...] | Exception:
+        for _family, sockaddr in found:
+            address = str(sockaddr[0])
+            net = blocking_network(address, self.blocked, self.allowed)
+            if net is not None:
+                # Refuse the host outright, even if it has other, harmless addresses: a
+                # name that can answer with the metadata address may do so next time.
+                return _Blocked(address.split("%", 1)[0], net)
+        if not found:
+            return _NoAddress()
+        return tuple(dict.fromkeys(found))
+
+
+class _Blocked(Exception):
+    def __init__(self, address: str, network: IPNetwork) -> None:
+        super().__init__(address)
+        self.address = address
+        self.network = network
+
+
+class _NoAddress(Exception):
+    pass
+
+
+def _getaddrinfo(host: str) -> list[Address] | BaseException:
+    """The host's stream addresses (port 0), or what getaddrinfo raised."""
     try:
-        return await asyncio.wait_for(answer, timeout)
-    except TimeoutError:
-        raise ResolveError(
-            url, f"looking up {host} took longer than {timeout:.1f} s", timed_out=True
-        ) from None
-    except socket.gaierror as exc:
-        raise ResolveError(url, f"cannot resolve {host}: {exc.strerror or exc}") from None
-    except OSError as exc:
-        raise ResolveError(url, f"cannot resolve {host}: {exc}") from None
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except BaseException as exc:
+        return exc
+    return [(info[0], info[4]) for info in infos]
 
 
 # --- one GET with asyncio --------------------------------------------------------------
@@ -274,51 +351,63 @@ async def fetch(
     allowed: Sequence[IPNetwork] = (),
     tls: ssl.SSLContext | None = None,
     user_agent: str = "deployhealth/0.1",
+    vetting: HostVetting | None = None,
 ) -> Fetched:
     """GET `url` within the budget, to a vetted address only; the body is cut at `cap` bytes.
 
     Raises BlockedAddressError before any connection, FetchError naming the phase that
     failed (dns, connect, tls, sending the request, waiting for the response, reading the
-    body), and never waits past the budget.
+    body), and never waits past the budget. `vetting` shares each host's vetting across
+    the fetches of one fan-out; its networks then replace `blocked` and `allowed`.
     """
-    scheme, host, port = _target(url)
+    scheme, host, port, request_target = _parsed(url)
     allowance = budget.remaining()
     phase = "dns"
+    answer: _Answer | None = None
     try:
         async with asyncio.timeout(allowance):
-            vetted = await vet_async(url, budget, blocked=blocked, allowed=allowed)
+            if vetting is None:
+                vetting = HostVetting(blocked=blocked, allowed=allowed)
+            vetted = await vetting.vet(url, host, port, budget)
             phase = "connect"
-            reader, writer = await _open(url, vetted, scheme, tls)
+            request = _request_bytes(request_target, host, port, scheme, headers, user_agent)
+            transport, answer = await _open(url, vetted, scheme, tls, request, cap)
             try:
-                phase = "sending the request"
-                writer.write(_request_bytes(url, host, port, scheme, headers, user_agent))
-                await writer.drain()
-                phase = "waiting for the response"
-                status, reason, found = await _read_head(reader)
-                phase = "reading the body"
-                body, truncated = await _read_body(reader, found, cap)
+                return await answer.fetched
             finally:
-                writer.close()
+                answer.fetched.cancel()  # settled: what the closing connection says is moot
+                transport.close()
     except TimeoutError:
         spent = f"not done within {allowance:.1f} s"
-        raise FetchError(url, phase, spent, timed_out=True) from None
+        raise FetchError(url, _phase(phase, answer), spent, timed_out=True) from None
     except ssl.SSLCertVerificationError as exc:  # before ValueError: it is one too
         reason_text = exc.verify_message or exc.reason or str(exc)
         raise FetchError(url, "tls", f"certificate verify failed: {reason_text}") from None
     except ssl.SSLError as exc:
         raise FetchError(url, "tls", f"handshake failed: {exc.reason or exc}") from None
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-        raise FetchError(url, phase, f"malformed or cut-short HTTP answer ({exc})") from None
+    except ValueError as exc:
+        raise FetchError(
+            url, _phase(phase, answer), f"malformed or cut-short HTTP answer ({exc})"
+        ) from None
     except ConnectionRefusedError:
-        raise FetchError(url, phase, "connection refused") from None
+        raise FetchError(url, _phase(phase, answer), "connection refused") from None
     except OSError as exc:
-        raise FetchError(url, phase, exc.strerror or str(exc) or type(exc).__name__) from None
-    return Fetched(status, reason, found, body, truncated)
+        detail = exc.strerror or str(exc) or type(exc).__name__
+        raise FetchError(url, _phase(phase, answer), detail) from None
+
+
+def _phase(before: str, answer: _Answer | None) -> str:
+    return before if answer is None else answer.phase
 
 
 async def _open(
-    url: str, vetted: Vetted, scheme: str, tls: ssl.SSLContext | None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    url: str,
+    vetted: Vetted,
+    scheme: str,
+    tls: ssl.SSLContext | None,
+    request: bytes,
+    cap: int,
+) -> tuple[asyncio.BaseTransport, _Answer]:
     loop = asyncio.get_running_loop()
     context = None
     if scheme == "https":
@@ -345,11 +434,11 @@ async def _open(
             sock.close()
             raise
         try:
-            return await asyncio.open_connection(
+            return await loop.create_connection(
+                lambda: _Answer(request, cap, loop.create_future()),
                 sock=sock,
                 ssl=context,
                 server_hostname=vetted.host if context is not None else None,
-                limit=HEADER_CAP,
             )
         except BaseException:
             sock.close()
@@ -358,15 +447,13 @@ async def _open(
 
 
 def _request_bytes(
-    url: str,
+    target: str,
     host: str,
     port: int,
     scheme: str,
     headers: Mapping[str, str] | None,
     user_agent: str,
 ) -> bytes:
-    parts = urlsplit(url)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     lines = {
         "Host": authority(host, port, scheme),
         "User-Agent": user_agent,
@@ -379,8 +466,98 @@ def _request_bytes(
     return (head + "\r\n").encode("latin-1")
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, str]]:
-    head = await reader.readuntil(b"\r\n\r\n")
+class _Answer(asyncio.Protocol):
+    """One HTTP/1.1 response, read as the transport delivers it, into `fetched`.
+
+    A protocol rather than asyncio streams: a fan-out of thousands of GETs spent most of
+    its CPU in the streams' machinery (a reader, a writer, a drain and a wake-up of the
+    task for every read), where a protocol is a few callbacks per response. The answer
+    is settled as soon as it is complete or past the cap; bytes beyond the cap are never
+    kept (the caller closes the connection). Errors are ValueError (malformed or cut
+    short) or OSError (the connection failed), which `fetch` names with `phase`.
+    """
+
+    def __init__(self, request: bytes, cap: int, fetched: asyncio.Future[Fetched]) -> None:
+        self.phase = "sending the request"
+        self.fetched = fetched
+        self._request = request
+        self._cap = cap
+        self._data = bytearray()
+        self._head: tuple[int, str, dict[str, str]] | None = None
+        self._body_at = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(self._request)
+        self.phase = "waiting for the response"
+
+    def data_received(self, data: bytes) -> None:
+        if self.fetched.done():
+            return
+        self._data += data
+        self._advance(eof=False)
+
+    def eof_received(self) -> bool:
+        self._advance(eof=True)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self._advance(eof=True)
+        elif not self.fetched.done():
+            self.fetched.set_exception(exc)
+
+    def _advance(self, *, eof: bool) -> None:
+        if self.fetched.done():
+            return
+        try:
+            result = self._complete(eof)
+        except ValueError as exc:
+            self.fetched.set_exception(exc)
+            return
+        if result is not None:
+            self.fetched.set_result(result)
+
+    def _complete(self, eof: bool) -> Fetched | None:
+        """The answer if it is complete (or past the cap); None while more may come."""
+        if self._head is None:
+            end = self._data.find(b"\r\n\r\n", 0, HEADER_CAP + 4)
+            if end < 0:
+                if len(self._data) > HEADER_CAP:
+                    raise ValueError(f"the response head is longer than {HEADER_CAP} bytes")
+                if eof:
+                    raise ValueError("the connection closed before the response head ended")
+                return None
+            self._head = _parse_head(bytes(self._data[:end]))
+            self._body_at = end + 4
+            self.phase = "reading the body"
+        status, reason, found = self._head
+        data, at, cap = self._data, self._body_at, self._cap
+        have = len(data) - at
+        if "chunked" in found.get("transfer-encoding", "").lower():
+            decoded = _dechunk(bytes(data[at:]), cap)
+            if decoded is None:
+                if eof:
+                    raise ValueError("the connection closed inside a chunked body")
+                return None
+            body, truncated = decoded
+        elif (length := found.get("content-length")) is not None:
+            total = int(length)
+            wanted = min(total, cap)
+            if have < wanted:
+                if eof:
+                    raise ValueError(f"{have} bytes of a {total}-byte body")
+                return None
+            body, truncated = bytes(data[at : at + wanted]), total > cap
+        elif have > cap:
+            body, truncated = bytes(data[at : at + cap]), True
+        elif eof:
+            body, truncated = bytes(data[at:]), False
+        else:
+            return None
+        return Fetched(status, reason, found, body, truncated)
+
+
+def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")
@@ -394,33 +571,26 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, 
     return int(code), reason.strip(), found
 
 
-async def _read_body(
-    reader: asyncio.StreamReader, headers: Mapping[str, str], cap: int
-) -> tuple[bytes, bool]:
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        data = bytearray()
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-            if size == 0:
-                return bytes(data), False
-            take = min(size, cap + 1 - len(data))
-            data += await reader.readexactly(take)
-            if len(data) > cap:
-                return bytes(data[:cap]), True
-            await reader.readexactly(2)
-    length = headers.get("content-length")
-    if length is not None:
-        total = int(length)
-        body = await reader.readexactly(min(total, cap))
-        return body, total > cap
-    data = bytearray()
-    while len(data) <= cap:
-        chunk = await reader.read(min(_READ_SIZE, cap + 1 - len(data)))
-        if not chunk:
-            return bytes(data), False
-        data += chunk
-    return bytes(data[:cap]), True
+def _dechunk(data: bytes, cap: int) -> tuple[bytes, bool] | None:
+    """A chunked body decoded, cut at `cap` (True when cut); None while it is incomplete."""
+    body = bytearray()
+    at = 0
+    while True:
+        end = data.find(b"\r\n", at, at + 1024)
+        if end < 0:
+            if len(data) - at >= 1024:
+                raise ValueError("a chunk size line longer than 1024 bytes")
+            return None
+        size = int(data[at:end].split(b";", 1)[0].strip(), 16)
+        at = end + 2
+        if size == 0:
+            return bytes(body), False
+        body += data[at : at + min(size, cap + 1 - len(body))]
+        if len(body) > cap:
+            return bytes(body[:cap]), True
+        if len(data) < at + size + 2:
+            return None
+        at += size + 2
 
 
 # --- pinned connections ---------------------------------------------------------------

@@ -74,8 +74,15 @@ from deployhealth.model import (
     rfc3339,
     utcnow,
 )
-from deployhealth.net import IPNetwork, PhaseError, networks, tls_context
-from deployhealth.netguard import BlockedAddressError, Fetched, FetchError, GuardError, fetch
+from deployhealth.net import PhaseError, networks, tls_context
+from deployhealth.netguard import (
+    BlockedAddressError,
+    Fetched,
+    FetchError,
+    GuardError,
+    HostVetting,
+    fetch,
+)
 from deployhealth.redact import safe_url
 from deployhealth.settings import Settings
 
@@ -165,8 +172,7 @@ def _probe_all(
 async def _probe_many(
     proxies: dict[int, Proxy], settings: Settings, probing: Deadline, collect: Deadline
 ) -> dict[int, _Outcome]:
-    gate = asyncio.Semaphore(concurrency(settings))
-    allowed = networks(settings.ssrf_allow)
+    vetting = HostVetting(allowed=networks(settings.ssrf_allow))
     tls: ssl.SSLContext | None = None
     if any(p.url.strip().lower().startswith("https:") for p in proxies.values()):
         # Once: loading the CA store costs milliseconds. A bad bundle is left for each
@@ -174,20 +180,27 @@ async def _probe_many(
         with contextlib.suppress(PhaseError):
             tls = tls_context()
 
-    async def one(proxy: Proxy) -> _Outcome | None:
-        async with gate:
-            return await _probe_one(proxy, probing, allowed, tls)
+    # `concurrency` workers taking proxies in turn, rather than a task per proxy waiting
+    # on a semaphore: 5,000 proxies are then 512 tasks, not 5,000 tasks each woken once
+    # to queue and once to run. A proxy taken but not finished by the collect deadline is
+    # cancelled with its worker and left unprobed, like those never taken.
+    outcomes: dict[int, _Outcome] = {}
+    queue = iter(proxies.items())
 
-    tasks = {asyncio.create_task(one(p)): n for n, p in proxies.items()}
-    done, late = await asyncio.wait(tasks, timeout=collect.remaining())
+    async def worker() -> None:
+        for n, proxy in queue:
+            outcome = await _probe_one(proxy, probing, tls, vetting)
+            if outcome is not None:
+                outcomes[n] = outcome
+
+    count = min(len(proxies), concurrency(settings))
+    workers = [asyncio.create_task(worker()) for _ in range(count)]
+    done, late = await asyncio.wait(workers, timeout=collect.remaining())
     for task in late:
         task.cancel()
     await asyncio.gather(*late, return_exceptions=True)
-    outcomes: dict[int, _Outcome] = {}
     for task in done:
-        outcome = task.result()  # a bug here is the runner's EUNKNOWN, not a proxy status
-        if outcome is not None:
-            outcomes[tasks[task]] = outcome
+        task.result()  # a bug here is the runner's EUNKNOWN, not a proxy status
     return outcomes
 
 
@@ -221,8 +234,8 @@ def _report_url(url: str) -> str:
 async def _probe_one(
     proxy: Proxy,
     probing: Deadline,
-    allowed: tuple[IPNetwork, ...],
     tls: ssl.SSLContext | None,
+    vetting: HostVetting,
 ) -> _Outcome | None:
     """One proxy's outcome; None when it was not (fully) probed before the family deadline."""
     try:
@@ -245,9 +258,9 @@ async def _probe_one(
             probing.sooner(cap),
             headers={"Accept": "application/json"},
             cap=REPORT_CAP,
-            allowed=allowed,
             tls=tls,
             user_agent=USER_AGENT,
+            vetting=vetting,
         )
     except BlockedAddressError as exc:
         return _Outcome("unhealthy", errors=[str(exc)], checked_at=checked_at)
@@ -257,12 +270,22 @@ async def _probe_one(
         return _Outcome("unreachable", errors=[str(exc)], checked_at=checked_at)
     except GuardError as exc:
         return _Outcome("unhealthy", errors=[str(exc)], checked_at=checked_at)
-    return _classify(safe_url(url), answer, checked_at)
+    return _classify(url, answer, checked_at)
 
 
-def _classify(url: str, answer: Fetched, checked_at: datetime) -> _Outcome:
+def _classify(raw_url: str, answer: Fetched, checked_at: datetime) -> _Outcome:
     status, reason, body, more = answer.status, answer.reason, answer.body, answer.truncated
     content_type = answer.headers.get("content-type", "")
+    report = None if status != 200 or more else _parse_report(body)
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if report is not None and media_type == "application/json":
+        errors, warnings = report
+        return _Outcome(
+            "unhealthy" if errors else "ok", _clipped(errors), _clipped(warnings), checked_at
+        )
+    # Not a health report: the URL (made safe to show only now, as the ok case above is
+    # most of thousands of proxies) and why, for the message.
+    url = safe_url(raw_url)
     build = answer.headers.get(BUILD_VERSION_HEADER.lower(), "")
 
     def unhealthy(message: str) -> _Outcome:
@@ -277,28 +300,21 @@ def _classify(url: str, answer: Fetched, checked_at: datetime) -> _Outcome:
             f"GET {url} answered {status} {reason}".rstrip()
             + f": {said} (try it by hand: curl -i {url})"
         )
-    report = None if more else _parse_report(body)
     if report is None and build:
         return unhealthy(
             f"GET {url} answered 200 with {BUILD_VERSION_HEADER} {build} but no proxy health "
             "report: it is a Coder server but not a workspace proxy (is the primary's URL "
             "registered as a proxy?)"
         )
-    media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         return unhealthy(
             f"GET {url} answered 200 with content type {content_type or 'none'!r}, not "
             "application/json: it is not a workspace proxy's health report"
         )
-    if report is None:
-        size = f"more than {REPORT_CAP} bytes" if more else f"{_excerpt(body)!r}"
-        return unhealthy(
-            f"GET {url} answered 200 with {size}, not a health report "
-            '{"errors": [...], "warnings": [...]}: the URL is not a workspace proxy'
-        )
-    errors, warnings = report
-    return _Outcome(
-        "unhealthy" if errors else "ok", _clipped(errors), _clipped(warnings), checked_at
+    size = f"more than {REPORT_CAP} bytes" if more else f"{_excerpt(body)!r}"
+    return unhealthy(
+        f"GET {url} answered 200 with {size}, not a health report "
+        '{"errors": [...], "warnings": [...]}: the URL is not a workspace proxy'
     )
 
 
