@@ -4,7 +4,9 @@ Input is a DERP map in Tailscale's JSON shape, from `DEPLOYHEALTH_DERP_MAP` (inl
 a file, or an http(s) URL) or, when none is set, Coder's default: region 999, the embedded
 relay at the access URL, plus one STUN-only region per configured STUN server (1000, ...).
 
-What runs, all at once (the family costs about its slowest node, not their sum):
+What runs, all at once (the family costs about its slowest node, not their sum): every
+node's job starts together, however large the map, up to a ceiling (`job_ceiling`) that
+only a map of hundreds of nodes reaches, set by the open-files limit and a thread budget:
 
 - per DERP node, two clients connect (raw `Upgrade: DERP`, WebSocket fallback on a 4xx;
   see deployhealth.derpclient); the first sends a one-byte packet to the second every
@@ -48,7 +50,15 @@ from deployhealth.wire.stun import DEFAULT_PORT as STUN_DEFAULT_PORT
 
 NODE_SECONDS = 10.0
 SEND_INTERVAL_SECONDS = 1.0
-MAX_CONCURRENT_JOBS = 32
+# Each DERP node's job holds two TCP sockets and two threads (the sender's and the
+# receiver's) while it runs; the STUN job one UDP socket and one thread. The jobs may use
+# a quarter of the open-files limit (the rest is for the other families of a `check` and
+# the process itself: 128 nodes at once under Lambda's 1,024) and at most JOB_THREADS
+# threads (their stacks are what the family's memory grows with; Lambda allows 1,024
+# threads in all).
+SOCKETS_PER_JOB = 2
+THREADS_PER_JOB = 2
+JOB_THREADS = 512
 MAP_CAP = 1024 * 1024
 MAP_FETCH_TIMEOUT_SECONDS = 5.0
 # The section is put together this long before the family deadline, and nodes stop this
@@ -524,6 +534,23 @@ def _run_jobs(
         return dict(results)
 
 
+def job_ceiling() -> int:
+    """How many jobs may run at once: every node's, unless the map outgrows the process.
+
+    A quarter of the open-files limit in sockets, and JOB_THREADS threads; at least one.
+    """
+    by_threads = JOB_THREADS // THREADS_PER_JOB
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return by_threads
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return by_threads
+    return max(1, min(by_threads, soft // 4 // SOCKETS_PER_JOB))
+
+
 # --- the family ----------------------------------------------------------------------------
 
 
@@ -561,7 +588,7 @@ def probe(settings: Settings, deadline: Deadline) -> Section:
                 )
     if stun_targets:
         jobs["stun"] = lambda: probe_all(stun_targets, node_deadline, check_address=check_address)
-    results = _run_jobs(jobs, assemble_at, MAX_CONCURRENT_JOBS)
+    results = _run_jobs(jobs, assemble_at, min(len(jobs), job_ceiling()))
 
     stun_run = results.get("stun")
     if not isinstance(stun_run, StunRun):
