@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -165,8 +166,24 @@ def _probe_all(
                 errors=["has no URL: the proxy was created but has never registered (started)"],
             )
     if registered:
-        outcomes.update(asyncio.run(_probe_many(registered, settings, probing, collect)))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            outcomes.update(runner.run(_probe_many(registered, settings, probing, collect)))
     return outcomes
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (it is a dependency), else asyncio's own.
+
+    Profiled at 5,000 proxies, two thirds of the family's CPU was asyncio's own Python
+    (selectors, transports, callbacks); uvloop does that work in C (libuv), about a
+    quarter less CPU a proxy. Imported here, not at module level: only this family uses
+    it, and other handlers' cold starts should not pay for it.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _probe_many(
