@@ -36,6 +36,7 @@ from deployhealth.netguard import (
     BlockedAddressError,
     FetchError,
     GuardedSession,
+    HostVetting,
     UnvettedConnectionError,
     fetch,
     read_capped,
@@ -141,6 +142,31 @@ def test_fetch_refuses_a_name_that_resolves_to_a_blocked_address(
         get(url, blocked=LOOPBACK_BLOCKED)
     assert "localhost resolves to " in str(caught.value)
     assert connects == [] and proxy.hits == 0
+
+
+def test_a_fan_out_vets_a_host_once_and_every_url_keeps_its_own_port(
+    farm: ProxyFarm, connects: list[str]
+) -> None:
+    # Proxies behind one name share one HostVetting, as the workspace_proxy family's fetches
+    # do: each still reaches its own port, and a refusal names each URL, not the first one.
+    proxies = [farm.add(ProxyReply()), farm.add(ProxyReply())]
+    urls = [f"http://localhost:{p.port}/healthz-report" for p in proxies]
+
+    async def fetch_all(vetting: HostVetting) -> list[Any]:
+        return await asyncio.gather(
+            *(fetch(url, Deadline.after(5), vetting=vetting) for url in urls),
+            return_exceptions=True,
+        )
+
+    answers = asyncio.run(fetch_all(HostVetting()))
+    assert [a.status for a in answers] == [200, 200]
+    assert [p.hits for p in proxies] == [1, 1]
+
+    connects.clear()
+    refused = asyncio.run(fetch_all(HostVetting(blocked=LOOPBACK_BLOCKED)))
+    assert all(isinstance(r, BlockedAddressError) for r in refused)
+    assert [str(r).split(": ", 1)[0] for r in refused] == [f"refusing to fetch {u}" for u in urls]
+    assert connects == [] and [p.hits for p in proxies] == [1, 1]
 
 
 def test_fetch_follows_the_allow_list(farm: ProxyFarm, connects: list[str]) -> None:

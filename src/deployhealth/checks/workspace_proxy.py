@@ -7,8 +7,10 @@ asyncio loop: a proxy URL that is, or resolves to, a link-local or metadata addr
 refused before any connection, the connection goes to the vetted address, and a proxy that
 trickles its answer is cut off when its budget ends. At most 256 KiB of a report is read.
 asyncio rather than a thread pool running requests: for 500 proxies, threads spent about
-1 ms of GIL-bound CPU per request and took four to five times as long
-(benchmarks/bench_proxies.py).
+1 ms of GIL-bound CPU per request and took four to five times as long. The loop is uvloop's
+where it is installed, and each host is vetted once per run (`netguard.HostVetting`): at
+thousands of proxies the time above ceil(proxies / concurrency) answer times is CPU
+(benchmarks/bench_proxies.py, docs/design.md).
 
 Classification (checks.md): `unregistered` (no URL), `ok` (200, JSON `{"errors": [],
 "warnings": [...]}`), `unhealthy` (anything else that answered, a refused or unparseable
