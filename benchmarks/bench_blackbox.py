@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_proxies import Runs, proxy_settings, start_farm  # noqa: E402
+from bench_proxies import Runs, farm, proxy_settings  # noqa: E402
 from figures import MIN_ROUNDS, Figure, interleaved_medians, record  # noqa: E402
 
 EXPORTER = "prometheus-blackbox-exporter"
@@ -199,12 +199,11 @@ def _run_blackbox(port: int, paths: list[str]) -> int:
 def fanout(exporter_port: int, exporter_pid: int) -> None:
     print(f"10. {FANOUT}-proxy fan-out: deployhealth's workspace_proxy vs {FANOUT} blackbox "
           "probes of the same proxies")
-    farm, ports = start_farm(FANOUT, 0.0)
     runs = Runs()
     problems: list[str] = []
     walls: dict[str, list[float]] = {"ours": [], "theirs": []}
     cpus: dict[str, list[float]] = {"ours": [], "theirs": []}
-    try:
+    with farm(FANOUT, 0.0) as ports:
         settings = proxy_settings(ports)
         paths = [_probe_path(f"http://127.0.0.1:{p}/healthz-report") for p in ports]
         runs.run(settings)  # warm
@@ -219,10 +218,6 @@ def fanout(exporter_port: int, exporter_pid: int) -> None:
             wall, cpu = runs.run(settings)
             walls["ours"].append(wall)
             cpus["ours"].append(cpu)
-    finally:
-        if farm.stdin is not None:
-            farm.stdin.close()
-        farm.wait(timeout=60)
     problems += runs.problems
     wall_ours, wall_theirs = (statistics.median(walls[k]) for k in ("ours", "theirs"))
     cpu_ours, cpu_theirs = (statistics.median(cpus[k]) for k in ("ours", "theirs"))
