@@ -1386,6 +1386,49 @@ def test_a_warm_function_reuses_its_readiness_read_until_it_writes(tmp_path: Pat
     checks.close()
 
 
+class WriteDuringRead:
+    """The store, but its next snapshot is overtaken by a write of this process, as a probe
+    reading while `serve`'s scheduler ends a round can be."""
+
+    def __init__(self, store: SQLiteStore, write: Callable[[], None]) -> None:
+        self.store = store
+        self.write = write
+        self.armed = True
+
+    def readiness_snapshot(self) -> Any:
+        snapshot = self.store.readiness_snapshot()
+        if self.armed:
+            self.armed = False
+            self.write()
+        return snapshot
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_read_overtaken_by_a_write_of_this_process_is_not_kept(tmp_path: Path) -> None:
+    db = tmp_path / "results.db"
+    settings = make_settings(db)
+    store = SQLiteStore(str(db), settings.name, 7.0)
+    for name in GATING:
+        store.put(name, failing_section())
+    contexts: list[ApiContext] = []
+
+    def round_ends() -> None:
+        for name in GATING:
+            store.put(name, ok_section())
+        contexts[0].forget_snapshot()  # what serve does after each round
+
+    context = ApiContext(settings, store=WriteDuringRead(store, round_ends),  # type: ignore[arg-type]
+                         readiness_cache_seconds=3600)
+    contexts.append(context)
+    app = create_app(context)
+    # Read before the round ended: its answer is the old one, but it is not kept for an hour.
+    assert app(http_event("/readyz"))["statusCode"] == 503
+    assert app(http_event("/readyz"))["statusCode"] == 200
+    store.close()
+
+
 def test_a_check_function_does_not_import_the_api() -> None:
     """A check function's cold start pays for its check, not for the API's router."""
     script = (

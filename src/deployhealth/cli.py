@@ -304,6 +304,9 @@ def _ok_summary(name: str, section: object) -> str:
 
 # --- serve --------------------------------------------------------------------------
 
+# How long `serve` answers /readyz from one read of the store (see ApiContext).
+SERVE_READINESS_CACHE_SECONDS = 1.0
+
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(config_file=args.config)
@@ -350,12 +353,24 @@ def serve(
         log(f"store: {exc}; serving anyway, retrying every round")
     # Metric records are for CloudWatch Logs; a local terminal has no use for them.
     metrics = MetricsSink(settings.metrics_namespace, settings.name, None)
-    context = ApiContext(settings=settings, store=store, metrics=metrics)
+    # Load balancers ask /readyz many times a second; the results change once a round. Reads
+    # are shared for up to a second (what another process writes to the same store shows
+    # within it), and each of this scheduler's rounds makes the next read fresh.
+    context = ApiContext(
+        settings=settings, store=store, metrics=metrics,
+        readiness_cache_seconds=SERVE_READINESS_CACHE_SECONDS,
+    )
     try:
         server = LocalApiServer(create_app(context), host, port)
     except OSError as exc:
         raise SettingsError("--port", f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    scheduler = Scheduler(settings, store, metrics, on_round=round_log or RoundLog())
+    log_round = round_log or RoundLog()
+
+    def on_round(sections: dict, store_errors: list[str]) -> None:
+        context.forget_snapshot()  # before the round is logged: what follows it sees it
+        log_round(sections, store_errors)
+
+    scheduler = Scheduler(settings, store, metrics, on_round=on_round)
     if on_scheduler is not None:
         on_scheduler(scheduler)
     stop = threading.Event()

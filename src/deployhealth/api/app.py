@@ -144,6 +144,10 @@ class ApiContext:
         # Results change once per check interval, so a few seconds hide nothing.
         self.readiness_cache_seconds = readiness_cache_seconds
         self._snapshot_cache: tuple[float, ReadinessSnapshot] | None = None
+        # Bumped by forget_snapshot: a read that a write of this process overtook is not
+        # cached (it may predate the write); the lock makes check-and-keep one step.
+        self._snapshot_generation = 0
+        self._snapshot_lock = threading.Lock()
         if metrics is None and settings is not None:
             metrics = MetricsSink(settings.metrics_namespace, settings.name, None)
         self.metrics = metrics
@@ -186,13 +190,18 @@ class ApiContext:
         cached = self._snapshot_cache
         if cached is not None and now - cached[0] < self.readiness_cache_seconds:
             return cached[1]
+        generation = self._snapshot_generation
         snapshot = store.readiness_snapshot()
-        self._snapshot_cache = (now, snapshot)
+        with self._snapshot_lock:
+            if generation == self._snapshot_generation:
+                self._snapshot_cache = (now, snapshot)
         return snapshot
 
     def forget_snapshot(self) -> None:
         """Called after this process wrote results or settings: the next read is fresh."""
-        self._snapshot_cache = None
+        with self._snapshot_lock:
+            self._snapshot_generation += 1
+            self._snapshot_cache = None
 
     def dismissed(self, stored: tuple[str, ...] | None) -> tuple[str, ...]:
         """The dismissed sections: as set through the API, else as configured."""
