@@ -1429,6 +1429,17 @@ def test_a_read_overtaken_by_a_write_of_this_process_is_not_kept(tmp_path: Path)
     store.close()
 
 
+def test_an_http_1_0_client_asking_for_keep_alive_gets_it(api: Api) -> None:
+    request = b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", api.server.port), timeout=30) as conn:
+        for _ in range(2):
+            conn.sendall(request)
+            answer = b""
+            while not answer.endswith(b"OK"):
+                answer += conn.recv(65536)
+            assert b"\r\nConnection: keep-alive\r\n" in answer
+
+
 def test_a_check_function_does_not_import_the_api() -> None:
     """A check function's cold start pays for its check, not for the API's router."""
     script = (
@@ -1477,6 +1488,11 @@ def raw_exchange(server: LocalApiServer, data: bytes) -> tuple[int, dict[str, st
         (b"TRACE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
         (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 404),
         (b"BREW /readyz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        # What two parsers could read differently (request smuggling) is refused outright.
+        (b"POST /healthz HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 411),
+        (b"GET /healthz HTTP/1.1\r\nX-Folded: a\r\n b\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nX-Space : a\r\n\r\n", 400),
+        (b"POST /healthz HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
     ],
 )
 def test_every_refusal_of_the_local_server_is_the_json_error_shape(
