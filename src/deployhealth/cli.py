@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -331,11 +332,13 @@ def serve(
     ready: threading.Event | None = None,
     on_scheduler: Callable[[Scheduler], None] | None = None,
     round_log: RoundLog | None = None,
+    listening: socket.socket | None = None,
 ) -> int:
     """Run the scheduler and the local API until SIGINT, SIGTERM or SIGHUP.
 
     `on_scheduler` sees the scheduler before its first round (the demo links its fault
     switches to `Scheduler.between_rounds`). `round_log` writes the round lines.
+    `listening`: a socket already bound to host:port, which the server takes over.
     """
     from deployhealth.api.app import ApiContext, create_app
     from deployhealth.api.local import LocalApiServer
@@ -361,7 +364,7 @@ def serve(
         readiness_cache_seconds=SERVE_READINESS_CACHE_SECONDS,
     )
     try:
-        server = LocalApiServer(create_app(context), host, port)
+        server = LocalApiServer(create_app(context), host, port, listening=listening)
     except OSError as exc:
         raise SettingsError("--port", f"cannot listen on {host}:{port}: {exc.strerror}") from None
     log_round = round_log or RoundLog()

@@ -667,10 +667,27 @@ def _quiet_os_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -
 class LocalApiServer:
     """The app behind the HTTP server: `.start()` in the background or `.serve_forever()`."""
 
-    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 8080) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # Bound here, so that a port in use is an OSError for the caller, at once.
-        sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+    def __init__(
+        self,
+        app: App,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        listening: socket.socket | None = None,
+    ) -> None:
+        """Serve on `host:port`, or on `listening`, a socket the caller already bound.
+
+        Handing over a bound socket leaves no moment in which another process could take
+        the port (the demo reserves its port before it starts anything else).
+        """
+        if listening is not None:
+            sock = listening
+            sock.listen(LISTEN_BACKLOG)
+            host = sock.getsockname()[0]
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            # Bound here, so that a port in use is an OSError for the caller, at once.
+            sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
         self._server = _Server(sock, app)
         self._thread: threading.Thread | None = None
         self._serving = threading.Event()

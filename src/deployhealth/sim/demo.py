@@ -125,7 +125,7 @@ def command_name() -> str:
 def reserve_port(host: str, port: int) -> socket.socket | str:
     """A socket bound to `host:port`, or why it cannot be. Checked before anything starts.
 
-    The socket listens (and accepts nothing) until the API server takes the port over: the
+    The socket listens (and accepts nothing) until the API server takes it over: the
     demo's other servers pick free ports meanwhile, and a port that is only bound with
     SO_REUSEADDR can still be handed to another SO_REUSEADDR socket (the simulation's
     listeners are such), a listening one cannot. SO_REUSEADDR as the API server sets it,
@@ -291,8 +291,7 @@ def _run(
         command=command_name(), heartbeat=round_log.heartbeat_seconds,
     )
     port = reserved.getsockname()[1]
-    reserved.close()  # the API server binds it next
     return serve(
-        settings, HOST, port, banner=banner, round_log=round_log,
+        settings, HOST, port, banner=banner, round_log=round_log, listening=reserved,
         on_scheduler=lambda scheduler: link_faults_to_rounds(sim, scheduler, log),
     )
