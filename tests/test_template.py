@@ -483,7 +483,9 @@ def test_layers_build_for_python_312_arm64(template: dict[str, Any]) -> None:
         for line in (content / "requirements.in").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert top == {"aws-lambda-powertools", "requests", "pg8000", "websocket-client", "pynacl"}
+    assert top == {
+        "aws-lambda-powertools", "requests", "pg8000", "websocket-client", "pynacl", "uvloop"
+    }
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert top == {canonicalize_name(Requirement(r).name) for r in pyproject["dependencies"]} - {
         "boto3"
