@@ -207,6 +207,87 @@ def test_fetch_caps_the_body_and_the_time(farm: ProxyFarm) -> None:
     assert caught.value.timed_out and caught.value.phase == "waiting for the response"
 
 
+class OneAnswer:
+    """A listener that answers one GET and keeps every byte its client sent until it closed.
+
+    With `queue_full`, a connection already waits in its accept queue (backlog 0), so the
+    kernel drops the next client's SYN: that client's connect stays in progress until
+    `release` is set, the waiting connection is taken off the queue and the SYN is sent
+    again (Linux retries after a second).
+    """
+
+    def __init__(self, *, queue_full: bool) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.listener.settimeout(10)  # a broken test fails, it does not hang
+        self.port = self.listener.getsockname()[1]
+        self.release = threading.Event()
+        self.received = b""
+        self._filler = socket.create_connection(("127.0.0.1", self.port)) if queue_full else None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        if self._filler is not None:
+            self.release.wait(10)
+            self.listener.accept()[0].close()
+        connection, _peer = self.listener.accept()
+        with connection:
+            while b"\r\n\r\n" not in self.received:
+                self.received += connection.recv(4096)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+            )
+            while data := connection.recv(4096):
+                self.received += data
+
+    def close(self) -> None:
+        self.release.set()
+        self._thread.join(timeout=10)
+        if self._filler is not None:
+            self._filler.close()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("queue_full", [False, True], ids=["up-at-once", "up-later"])
+def test_fetch_sends_its_request_once_whenever_the_connection_comes_up(
+    queue_full: bool, connects: list[str]
+) -> None:
+    # The request is sent as soon as the connection is up: at once on loopback, after
+    # waiting when the server's queue drops the first SYN. Either way exactly once.
+    server = OneAnswer(queue_full=queue_full)
+    connects.clear()
+    url = f"http://127.0.0.1:{server.port}/healthz-report"
+
+    async def scenario() -> Any:
+        task = asyncio.create_task(fetch(url, Deadline.after(10)))
+        while not connects:  # the fetch has connected (or tried to): let the server go
+            await asyncio.sleep(0)
+        server.release.set()
+        return await task
+
+    try:
+        answer = asyncio.run(scenario())
+    finally:
+        server.close()
+    assert answer.status == 200 and answer.body == b"{}"
+    assert server.received.count(b"GET /healthz-report HTTP/1.1\r\n") == 1
+    assert server.received.endswith(b"\r\n\r\n")
+
+
+def test_a_connection_that_never_comes_up_times_out_in_the_connect_phase() -> None:
+    # The server's accept queue is full and never drained: it drops every SYN of the fetch.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)), pytest.raises(FetchError) as caught:
+            get(f"http://127.0.0.1:{port}/healthz-report", seconds=0.5)
+    assert caught.value.timed_out and caught.value.phase == "connect"
+
+
 # --- GuardedSession (requests) ----------------------------------------------------------
 
 

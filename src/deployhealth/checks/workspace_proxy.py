@@ -9,8 +9,9 @@ trickles its answer is cut off when its budget ends. At most 256 KiB of a report
 asyncio rather than a thread pool running requests: for 500 proxies, threads spent about
 1 ms of GIL-bound CPU per request and took four to five times as long. The loop is uvloop's
 where it is installed, and each host is vetted once per run (`netguard.HostVetting`): at
-thousands of proxies the time above ceil(proxies / concurrency) answer times is CPU
-(benchmarks/bench_proxies.py, docs/design.md).
+thousands of proxies the time above ceil(proxies / concurrency) answer times is the loop's
+work, CPU and how soon each request goes out (`fetch` sends it in the step that connected),
+about 1.15x that floor for 5,000 proxies (benchmarks/bench_proxies.py, docs/design.md).
 
 Classification (checks.md): `unregistered` (no URL), `ok` (200, JSON `{"errors": [],
 "warnings": [...]}`), `unhealthy` (anything else that answered, a refused or unparseable
