@@ -14,9 +14,10 @@ medians of at least MIN_ROUNDS:
    exporter's CPU, and is kept lean (uvloop, raw HTTP/1.1) so that it does not slow the
    exporter's wall time either.
 
-The simulated deployment and the proxies run in child processes; the exporter (Debian's
-prometheus-blackbox-exporter, which `make bench` installs) runs on a free port with a
-configuration file written to a temporary directory.
+The simulated deployment runs in a child process, the proxies in bench_proxies' farm (nginx,
+or Python processes where it is missing; the line above the figures says which); the
+exporter (Debian's prometheus-blackbox-exporter, which `make bench` installs) runs on a free
+port with a configuration file written to a temporary directory.
 """
 
 from __future__ import annotations
@@ -203,9 +204,9 @@ def fanout(exporter_port: int, exporter_pid: int) -> None:
     problems: list[str] = []
     walls: dict[str, list[float]] = {"ours": [], "theirs": []}
     cpus: dict[str, list[float]] = {"ours": [], "theirs": []}
-    with farm(FANOUT, 0.0) as ports:
-        settings = proxy_settings(ports)
-        paths = [_probe_path(f"http://127.0.0.1:{p}/healthz-report") for p in ports]
+    with farm(FANOUT, 0.0) as proxies:
+        settings = proxy_settings(proxies.ports)
+        paths = [_probe_path(f"http://127.0.0.1:{p}/healthz-report") for p in proxies.ports]
         runs.run(settings)  # warm
         _run_blackbox(exporter_port, paths)
         for _ in range(FANOUT_ROUNDS):
@@ -219,6 +220,7 @@ def fanout(exporter_port: int, exporter_pid: int) -> None:
             walls["ours"].append(wall)
             cpus["ours"].append(cpu)
     problems += runs.problems
+    print(f"   proxies: {proxies.what}")
     wall_ours, wall_theirs = (statistics.median(walls[k]) for k in ("ours", "theirs"))
     cpu_ours, cpu_theirs = (statistics.median(cpus[k]) for k in ("ours", "theirs"))
     record(
