@@ -44,9 +44,13 @@ class ServeProcess:
         # `prefix`: a command that runs `deployhealth` with other rights (setpriv), or a
         # shell to be its parent. `new_session`: its own session and process group, as a
         # terminal's job has, so that signals sent to it reach nothing of the test's.
+        # SIGHUP at its default, as a terminal starts a command: the suite itself may run
+        # under nohup (SIGHUP ignored, inherited), and serve and the demo rightly leave an
+        # ignored SIGHUP ignored, which would make the SIGHUP tests test nohup instead.
         self.proc = subprocess.Popen(
             [*prefix, COMMAND, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
             text=True, env=env, cwd=cwd, start_new_session=new_session,
+            preexec_fn=_default_sighup,
         )
         port = args[args.index("--port") + 1] if "--port" in args else "8080"
         self.base = f"http://127.0.0.1:{port}"
@@ -116,3 +120,7 @@ def message(line: str) -> str:
 
 def readyz(base: str) -> requests.Response:
     return requests.get(f"{base}/readyz", params={"verbose": ""}, timeout=10)
+
+
+def _default_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
