@@ -124,7 +124,7 @@ def warm_access_url(exporter_port: int) -> None:
     from deployhealth.deadline import Deadline
     from deployhealth.settings import Settings
 
-    print("9. warm probe of the access URL: deployhealth's access_url vs one blackbox probe")
+    print("blackbox: warm probe of the access URL: deployhealth's access_url vs one blackbox probe")
     deployment = subprocess.Popen(
         [sys.executable, "-c", _DEPLOYMENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True,
@@ -198,7 +198,8 @@ def _run_blackbox(port: int, paths: list[str]) -> int:
 
 
 def fanout(exporter_port: int, exporter_pid: int) -> None:
-    print(f"10. {FANOUT}-proxy fan-out: deployhealth's workspace_proxy vs {FANOUT} blackbox "
+    print()
+    print(f"blackbox: {FANOUT}-proxy fan-out: deployhealth's workspace_proxy vs {FANOUT} blackbox "
           "probes of the same proxies")
     runs = Runs()
     problems: list[str] = []

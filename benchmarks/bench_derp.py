@@ -81,7 +81,7 @@ def bench() -> None:
     from deployhealth.deadline import Deadline
     from deployhealth.settings import Settings
 
-    print(f"8. derp: {REGIONS} regions {DELAY_SECONDS * 1000:.0f} ms away vs one region")
+    print(f"derp: {REGIONS} regions {DELAY_SECONDS * 1000:.0f} ms away vs one region")
     share = REGIONS // RELAY_PROCESSES
     relays = [
         subprocess.Popen(

@@ -337,7 +337,7 @@ def _peak(runs: Runs, settings: Any) -> int:
 def bench() -> None:
     from deployhealth.checks.workspace_proxy import concurrency
 
-    print(f"7. workspace_proxy: {PROXIES} proxies answering after "
+    print(f"workspace_proxy: {PROXIES} proxies answering after "
           f"{DELAY_SECONDS * 1000:.0f} ms vs the floor")
     runs = Runs()
     with farm(PROXIES, DELAY_SECONDS) as proxies:

@@ -172,7 +172,7 @@ def serve(workdir: Path) -> Iterator[str]:
 
 
 def bench() -> None:
-    print("5. serve: `deployhealth serve` /readyz vs a bare http.server, loaded by wrk")
+    print("serve: `deployhealth serve` /readyz vs a bare http.server, loaded by wrk")
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (`make bench` installs Debian's)")
     with tempfile.TemporaryDirectory() as tmp, bare_server() as bare_url, serve(
