@@ -71,6 +71,9 @@ class Run:
     written_items: list[int] = field(default_factory=list)  # item sizes, one per PutItem
     latest_reads: int = 0  # Query of the deployment's latest partition
     history_reads: int = 0  # Query of one section's history
+    # A put first reads the latest item (GetItem, consistent) for its hysteresis record;
+    # DynamoDB bills a projected read by the whole item: 1 RRU per started 4 KB.
+    put_read_units: int = 0
     seconds: float = 0.0
 
     @property
@@ -177,6 +180,8 @@ class CountingStore:
             Key={"pk": {"S": f"{self._deployment}#latest"}, "sk": {"S": name}},
         ).get("Item")
         self.run.written_items += [item_size(i) for i in [*history, *([latest] if latest else [])]]
+        if latest:
+            self.run.put_read_units += math.ceil(item_size(latest) / 4096)
 
     def snapshot(self) -> Snapshot:
         self.run.latest_reads += 1

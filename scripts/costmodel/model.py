@@ -413,7 +413,8 @@ def _function_cost(
         log_bytes += sum(powertools_line_bytes(f, msg, extra) for msg, extra in run.log_records)
         write_units = sum(math.ceil(size / 1024) for size in run.written_items)
         reads = run.latest_reads * math.ceil(max(m.latest_partition_bytes, 1) / 4096)
-        read_units = reads + run.history_reads  # a history page is one small Query
+        # A history page is one small Query; a put reads the latest item it replaces.
+        read_units = reads + run.history_reads + run.put_read_units
         if f.kind == API and invocations and a.api_readiness_cache_seconds > 0:
             most = month_minutes * 60 / a.api_readiness_cache_seconds
             read_units *= min(1.0, most / invocations)
