@@ -115,7 +115,8 @@ def render_assumptions(a: Assumptions | None = None) -> str:
         "  - logs are billed as the bytes the functions print: EMF records as measured, the "
         "check handler's JSON line, Lambda's START/END/REPORT; storage uncompressed;",
         f"  - DynamoDB items as measured (two per run: history with TTL, latest); reads are "
-        f"strongly consistent Queries of the latest partition; {a.alarm_emails_per_month:g} "
+        f"strongly consistent Queries of the latest partition, and each put's GetItem of "
+        f"the latest item; {a.alarm_emails_per_month:g} "
         "alarm e-mails a month.",
     ])
 
