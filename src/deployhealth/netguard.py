@@ -165,16 +165,28 @@ def _check(
     blocked: Sequence[IPNetwork],
     allowed: Sequence[IPNetwork],
 ) -> Vetted:
+    refused = _first_blocked(found, blocked, allowed)
+    if refused is not None:
+        raise BlockedAddressError(url, host, *refused)
+    if not found:
+        raise ResolveError(url, f"{host} has no address")
+    return Vetted(url, host, port, tuple(dict.fromkeys(found)))
+
+
+def _first_blocked(
+    found: Sequence[Address], blocked: Sequence[IPNetwork], allowed: Sequence[IPNetwork]
+) -> tuple[str, IPNetwork] | None:
+    """The first address found that is blocked, and the network that blocks it; else None.
+
+    The host is refused outright, even if it has other, harmless addresses: a name that
+    can answer with the metadata address may do so on the next lookup.
+    """
     for _family, sockaddr in found:
         address = str(sockaddr[0])
         net = blocking_network(address, blocked, allowed)
         if net is not None:
-            # Refuse the host outright, even if it has other, harmless addresses: a name
-            # that can answer with the metadata address may do so on the next lookup.
-            raise BlockedAddressError(url, host, address.split("%", 1)[0], net)
-    if not found:
-        raise ResolveError(url, f"{host} has no address")
-    return Vetted(url, host, port, tuple(dict.fromkeys(found)))
+            return address.split("%", 1)[0], net
+    return None
 
 
 def vet(
@@ -297,13 +309,10 @@ class HostVetting:
         threading.Thread(target=lookup, name=f"dns-{host}", daemon=True).start()
 
     def _judged(self, found: list[Address]) -> tuple[Address, ...] | Exception:
-        for _family, sockaddr in found:
-            address = str(sockaddr[0])
-            net = blocking_network(address, self.blocked, self.allowed)
-            if net is not None:
-                # Refuse the host outright, even if it has other, harmless addresses: a
-                # name that can answer with the metadata address may do so next time.
-                return _Blocked(address.split("%", 1)[0], net)
+        """`_check`'s rule, as the outcome every waiter on this host reads."""
+        refused = _first_blocked(found, self.blocked, self.allowed)
+        if refused is not None:
+            return _Blocked(*refused)
         if not found:
             return _NoAddress()
         return tuple(dict.fromkeys(found))
