@@ -114,20 +114,17 @@ def evaluate(
     is configured, so the default path is the single read of `latest`.
     """
     now = now or utcnow()
-    hysteresis = settings.ready_fail_after > 1 or settings.ready_recover_after > 1
-    skip = set(excluded)
-    checks = []
-    for name in sections:
-        if name in skip:
-            checks.append(CheckStatus(name, "excluded"))
-            continue
+    hysteresis = _hysteresis_on(settings)
+
+    def judge(name: str) -> CheckStatus:
         section = latest.get(name)
         summary = None if section is None else summarize(name, section)
         replay: Callable[[], bool] | None = None
         if hysteresis and history is not None and section is not None:
             replay = _replayer(settings, name, section, history, now)
-        checks.append(_judge(settings, name, summary, replay, now))
-    return Readiness(tuple(checks), now)
+        return _judge(settings, name, summary, replay, now)
+
+    return _evaluate(sections, excluded, now, judge)
 
 
 def evaluate_summaries(
@@ -140,13 +137,9 @@ def evaluate_summaries(
 ) -> Readiness:
     """`evaluate` from stored summaries: hysteresis reads each summary's runs, no history."""
     now = now or utcnow()
-    hysteresis = settings.ready_fail_after > 1 or settings.ready_recover_after > 1
-    skip = set(excluded)
-    checks = []
-    for name in sections:
-        if name in skip:
-            checks.append(CheckStatus(name, "excluded"))
-            continue
+    hysteresis = _hysteresis_on(settings)
+
+    def judge(name: str) -> CheckStatus:
         summary = summaries.get(name)
         replay: Callable[[], bool] | None = None
         if hysteresis and summary is not None:
@@ -156,8 +149,27 @@ def evaluate_summaries(
                 settings.ready_fail_after,
                 settings.ready_recover_after,
             )
-        checks.append(_judge(settings, name, summary, replay, now))
+        return _judge(settings, name, summary, replay, now)
+
+    return _evaluate(sections, excluded, now, judge)
+
+
+def _evaluate(
+    sections: Sequence[str],
+    excluded: Iterable[str],
+    now: datetime,
+    judge: Callable[[str], CheckStatus],
+) -> Readiness:
+    """Every section judged in order, the excluded ones listed but not judged."""
+    skip = set(excluded)
+    checks = (
+        CheckStatus(name, "excluded") if name in skip else judge(name) for name in sections
+    )
     return Readiness(tuple(checks), now)
+
+
+def _hysteresis_on(settings: Settings) -> bool:
+    return settings.ready_fail_after > 1 or settings.ready_recover_after > 1
 
 
 def _replayer(
