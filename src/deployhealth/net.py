@@ -15,6 +15,7 @@ after an upgrade). What they share:
 - The address policy for hosts the deployment hands us rather than the operator:
   `blocking_network` and `blocked_address_check` refuse link-local and instance-metadata
   addresses unless allow-listed (product.md, "Security").
+- `open_files_limit`: how many sockets a fan-out may hold at once is a share of it.
 
 Every socket operation gets what its budget has left, capped at `OPERATION_TIMEOUT_SECONDS`;
 with nothing left it fails as timed out before it starts (zero would mean non-blocking).
@@ -59,6 +60,21 @@ class CertificateVerifyError(PhaseError):
 
 class LookupTimeout(TimeoutError):
     """getaddrinfo did not answer within its timeout; it may still finish on its thread."""
+
+
+def open_files_limit() -> int | None:
+    """This process's soft limit on open files; None where it is unknown or unlimited."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return None
+    return int(soft)
 
 
 def phase_timeout(budget: Deadline, phase: str, cap: float = OPERATION_TIMEOUT_SECONDS) -> float:

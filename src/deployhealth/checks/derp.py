@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 from deployhealth.deadline import Deadline, DeadlineExceeded
 from deployhealth.derpclient import DerpClient, DerpError, NodeTarget
 from deployhealth.model import Finding, Section, Severity
-from deployhealth.net import AddressCheck, blocked_address_check
+from deployhealth.net import AddressCheck, blocked_address_check, open_files_limit
 from deployhealth.settings import BLOCKED_NETWORKS, Settings
 from deployhealth.stunclient import StunResult, StunRun, StunTarget, probe_all
 from deployhealth.wire import derp as wire
@@ -540,15 +540,10 @@ def job_ceiling() -> int:
     A quarter of the open-files limit in sockets, and JOB_THREADS threads; at least one.
     """
     by_threads = JOB_THREADS // THREADS_PER_JOB
-    try:
-        import resource
-
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):
+    files = open_files_limit()
+    if files is None:
         return by_threads
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        return by_threads
-    return max(1, min(by_threads, soft // 4 // SOCKETS_PER_JOB))
+    return max(1, min(by_threads, files // 4 // SOCKETS_PER_JOB))
 
 
 # --- the family ----------------------------------------------------------------------------

@@ -78,7 +78,7 @@ from deployhealth.model import (
     rfc3339,
     utcnow,
 )
-from deployhealth.net import PhaseError, networks, tls_context
+from deployhealth.net import PhaseError, networks, open_files_limit, tls_context
 from deployhealth.netguard import (
     BlockedAddressError,
     Fetched,
@@ -231,15 +231,10 @@ def concurrency(settings: Settings) -> int:
     turn into "Too many open files" on a laptop whose limit is 256.
     """
     wanted = max(1, settings.proxy_concurrency)
-    try:
-        import resource
-
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):
+    files = open_files_limit()
+    if files is None:
         return wanted
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        return wanted
-    return max(1, min(wanted, soft // 2))
+    return max(1, min(wanted, files // 2))
 
 
 def _report_url(url: str) -> str:
