@@ -149,9 +149,7 @@ class SQLiteStore:
                 dismissed = tuple(json.loads(summary))
             else:
                 summaries[name] = _summary_of(name, summary, body)
-        fault = self._fault
-        problem = f"results cannot be stored: {fault}" if fault else ""
-        return ReadinessSnapshot(summaries, dismissed, problem)
+        return ReadinessSnapshot(summaries, dismissed, self._write_problem())
 
     def snapshot(self) -> Snapshot:
         def work(db: sqlite3.Connection) -> tuple[list[tuple[str, str]], tuple[str] | None]:
@@ -173,9 +171,8 @@ class SQLiteStore:
             self._hold(name, latest[name].checked_at.timestamp(), body)
         if setting is not None:
             self._held_dismissed = setting[0]
-        fault = self._fault
-        problem = f"results cannot be stored: {fault}" if fault else ""
-        return Snapshot(latest, None if setting is None else tuple(json.loads(setting[0])), problem)
+        dismissed = None if setting is None else tuple(json.loads(setting[0]))
+        return Snapshot(latest, dismissed, self._write_problem())
 
     def latest(self) -> dict[str, Section]:
         return self.snapshot().latest
@@ -222,6 +219,11 @@ class SQLiteStore:
     def close(self) -> None:
         with self._write_lock, self._read_lock:
             self._close_connections()
+
+    def _write_problem(self) -> str:
+        """`Snapshot.problem`: the last write's failure, "" once a write succeeds."""
+        fault = self._fault
+        return f"results cannot be stored: {fault}" if fault else ""
 
     def _hold(self, name: str, stamp: float, body: str) -> None:
         held = self._held_latest.get(name)
