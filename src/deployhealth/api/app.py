@@ -627,16 +627,13 @@ def _parse_limit(query: Mapping[str, str]) -> int:
     raw = query.get("limit")
     if raw is None or raw.strip() == "":
         return HISTORY_DEFAULT_LIMIT
-    text = raw.strip()
-    # Checked for length first: int() of a few thousand digits raises (and costs) before
-    # the range check could say "too large".
-    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+    limit = _whole_number(raw)
+    if limit is None:
         raise _bad_request(
             f"Query parameter 'limit' must be a whole number from 1 to {HISTORY_MAX_LIMIT}, "
             f"not {_clip(raw)!r}.",
             f"Between 1 and {HISTORY_MAX_LIMIT}; the default is {HISTORY_DEFAULT_LIMIT}.",
         )
-    limit = int(text)
     if not 1 <= limit <= HISTORY_MAX_LIMIT:
         raise _bad_request(
             f"Query parameter 'limit' must be between 1 and {HISTORY_MAX_LIMIT}, not {limit}.",
@@ -644,21 +641,32 @@ def _parse_limit(query: Mapping[str, str]) -> int:
     return limit
 
 
+def _whole_number(raw: str) -> int | None:
+    """`raw` (stripped) as a whole number of at most nine ASCII digits; None otherwise.
+
+    The length is checked before int(): int() of a few thousand digits raises (and costs)
+    before a range check could say "too large".
+    """
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        return None
+    return int(text)
+
+
 def _parse_refresh(query: Mapping[str, str]) -> int:
     """The page's `?refresh=` seconds: absent is the default, 0 turns reloading off."""
     raw = query.get("refresh")
     if raw is None or raw.strip() == "":
         return REFRESH_DEFAULT_SECONDS
-    text = raw.strip()
     allowed = (
         f"0 (off) or a whole number of seconds from {REFRESH_MIN_SECONDS} to "
         f"{REFRESH_MAX_SECONDS}; the default is {REFRESH_DEFAULT_SECONDS}."
     )
-    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+    seconds = _whole_number(raw)
+    if seconds is None:
         raise _bad_request(
             f"Query parameter 'refresh' must be a number, not {_clip(raw)!r}.", allowed
         )
-    seconds = int(text)
     if seconds != 0 and not REFRESH_MIN_SECONDS <= seconds <= REFRESH_MAX_SECONDS:
         raise _bad_request(f"Query parameter 'refresh' is out of range: {seconds}.", allowed)
     return seconds
