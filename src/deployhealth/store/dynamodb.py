@@ -126,6 +126,7 @@ class DynamoDBStore:
     def _put_latest(self, name: str, section: Section, body: bytes, checked_at: str) -> None:
         """Make `section` latest if it moves latest forward, its summary carried on."""
         key = {"pk": {"S": self._latest_pk}, "sk": {"S": name}}
+        item = {**key, "bodyz": {"B": body}, "checked_at": {"N": checked_at}}
         new = float(Decimal(checked_at))
         summary = ""
         for _ in range(_LATEST_ATTEMPTS):
@@ -158,8 +159,7 @@ class DynamoDBStore:
             try:
                 self._client.put_item(
                     TableName=self._table,
-                    Item={**key, "bodyz": {"B": body}, "checked_at": {"N": checked_at},
-                          "summary": {"S": summary}},
+                    Item={**item, "summary": {"S": summary}},
                     # The item as read: a writer that slipped in between fails this.
                     ConditionExpression=condition,
                     ExpressionAttributeNames={"#s": "summary"} if "#s" in condition else {},
@@ -178,8 +178,7 @@ class DynamoDBStore:
         try:
             self._client.put_item(
                 TableName=self._table,
-                Item={**key, "bodyz": {"B": body}, "checked_at": {"N": checked_at},
-                      "summary": {"S": summary}},
+                Item={**item, "summary": {"S": summary}},
                 ConditionExpression=(
                     "attribute_not_exists(pk) OR checked_at < :new OR checked_at > :future"
                 ),
